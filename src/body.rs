@@ -1,0 +1,54 @@
+//! The one body type every layer passes around, and small constructors for it.
+//!
+//! Requests and responses are boxed so that a layer can swap a streamed body
+//! (hyper's `Incoming`) for a buffered one (a rewritten JSON body) without the
+//! types of the whole stack changing.
+
+use bytes::Bytes;
+use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full};
+
+pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The body type of every request and response inside gatehouse.
+pub type Body = UnsyncBoxBody<Bytes, BoxError>;
+
+/// A body that holds `bytes` in memory.
+pub fn full(bytes: impl Into<Bytes>) -> Body {
+    Full::new(bytes.into())
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// A body with no bytes.
+pub fn empty() -> Body {
+    Empty::<Bytes>::new()
+        .map_err(|never| match never {})
+        .boxed_unsync()
+}
+
+/// Boxes any body whose errors can be boxed (hyper's `Incoming`, a client response body, …).
+pub fn boxed<B>(body: B) -> Body
+where
+    B: http_body::Body<Data = Bytes> + Send + 'static,
+    B::Error: Into<BoxError>,
+{
+    body.map_err(Into::into).boxed_unsync()
+}
+
+/// Reads a whole body into memory, failing once more than `limit` bytes arrived.
+///
+/// Used where a layer must see the JSON (validation, settlement); everything else streams.
+pub async fn collect_limited(body: Body, limit: usize) -> Result<Bytes, CollectError> {
+    let limited = http_body_util::Limited::new(body, limit);
+    match limited.collect().await {
+        Ok(collected) => Ok(collected.to_bytes()),
+        Err(err) if err.is::<http_body_util::LengthLimitError>() => Err(CollectError::TooLarge),
+        Err(err) => Err(CollectError::Read(err.to_string())),
+    }
+}
+
+#[derive(Debug)]
+pub enum CollectError {
+    TooLarge,
+    Read(String),
+}
