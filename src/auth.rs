@@ -42,3 +42,14 @@ impl Authenticator {
         Err(AuthFailure::MissingCredential)
     }
 }
+
+/// STUB pass-through layer.
+#[derive(Clone, Default)]
+pub struct AuthLayer;
+
+impl<S> tower::Layer<S> for AuthLayer {
+    type Service = S;
+    fn layer(&self, inner: S) -> S {
+        inner
+    }
+}

@@ -7,7 +7,7 @@
 use bytes::Bytes;
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full};
 
-pub type BoxError = Box<dyn std::error::Error + Send + Sync>;
+pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
 /// The body type of every request and response inside gatehouse.
 pub type Body = UnsyncBoxBody<Bytes, BoxError>;
@@ -52,3 +52,13 @@ pub enum CollectError {
     TooLarge,
     Read(String),
 }
+
+/// The future every layer of the stack returns. Boxed and `Send` so layers compose freely
+/// (and so the compiler need not prove `Send` through generic associated types).
+pub type ResponseFuture = std::pin::Pin<
+    Box<
+        dyn std::future::Future<Output = Result<http::Response<Body>, crate::error::GatewayError>>
+            + Send
+            + 'static,
+    >,
+>;

@@ -50,6 +50,9 @@ pub struct Config {
     pub store: StoreConfig,
     pub admin: AdminConfig,
     pub log: LogConfig,
+    /// Short hash of the file's contents (before `${ENV}` expansion, so it reveals no
+    /// secret): shows in metrics which version of the file is live.
+    pub source_hash: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -352,6 +355,11 @@ impl Config {
 
     /// Validates an already parsed TOML tree (the demo mode edits the tree first).
     pub fn from_table(tree: &mut toml::Table, env: &dyn EnvLookup) -> Result<Config, ConfigError> {
+        let source_hash = {
+            use sha2::Digest;
+            let digest = sha2::Sha256::digest(tree.to_string().as_bytes());
+            hex::encode(&digest[..6])
+        };
         let mut problems = Vec::new();
         for name in tree.keys() {
             if !SECTIONS.contains(&name.as_str()) {
@@ -400,6 +408,7 @@ impl Config {
             store,
             admin,
             log,
+            source_hash,
         };
         config.keys = validate_keys(raw_keys, &mut problems);
         config.validate(&mut problems);

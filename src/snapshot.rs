@@ -1,15 +1,17 @@
 //! `Snapshot`: one validated config plus everything derived from it (key table, JWT keys,
-//! route table). The gateway holds the live one in an `ArcSwap` and replaces it whole on
-//! reload, so a request sees one consistent configuration from start to end.
+//! route table, upstream client). The gateway holds the live one in an `ArcSwap` and
+//! replaces it whole on reload, so a request sees one consistent configuration throughout.
 
 use crate::auth::Authenticator;
 use crate::config::{Config, ConfigError};
 use crate::route::RouteTable;
+use crate::upstream::UpstreamClient;
 
 pub struct Snapshot {
     pub config: Config,
     pub authenticator: Authenticator,
     pub routes: RouteTable,
+    pub upstream: UpstreamClient,
 }
 
 impl Snapshot {
@@ -18,10 +20,15 @@ impl Snapshot {
         let authenticator =
             Authenticator::from_config(&config).map_err(|problems| ConfigError { problems })?;
         let routes = RouteTable::from_config(&config);
+        let upstream = UpstreamClient::new(&config.upstream);
         Ok(Snapshot {
             config,
             authenticator,
             routes,
+            upstream,
         })
     }
 }
+
+/// The live snapshot. Requests `load_full()` it once, at the outermost layer.
+pub type LiveSnapshot = arc_swap::ArcSwap<Snapshot>;

@@ -1,0 +1,316 @@
+//! The whole request path, assembled in one place, and the listeners that serve it.
+//!
+//! ```text
+//! observe ─ limits ─ route ─┬─ proxied routes: auth ─ ratelimit ─ validate ─ upstream
+//!                           ├─ /healthz /readyz /metrics: ops
+//!                           └─ /callbacks/…, /admin/…
+//! ```
+
+use crate::auth::AuthLayer;
+use crate::body::{self, Body};
+use crate::config::{Config, ConfigError};
+use crate::error::GatewayError;
+use crate::limits::LimitsLayer;
+use crate::metrics::Metrics;
+use crate::observe::ObserveLayer;
+use crate::ops::{self, OpsService, Readiness};
+use crate::ratelimit::{RateLimitLayer, RateLimiters};
+use crate::route::{Route, RouteKind, RouteLayer};
+use crate::snapshot::{LiveSnapshot, Snapshot};
+use crate::upstream::UpstreamService;
+use crate::validate::ValidateLayer;
+use http::{Request, Response};
+use hyper_util::rt::{TokioExecutor, TokioIo, TokioTimer};
+use hyper_util::server::conn::auto;
+use hyper_util::server::graceful::GracefulShutdown;
+use std::convert::Infallible;
+use std::future::Future;
+use std::net::SocketAddr;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+use std::time::Duration;
+use tokio::net::TcpListener;
+use tokio::sync::watch;
+use tower::util::BoxCloneService;
+use tower::{Service, ServiceBuilder, ServiceExt};
+
+/// The service hyper runs for every connection.
+pub type GatewayService = BoxCloneService<Request<Body>, Response<Body>, Infallible>;
+type InnerService = BoxCloneService<Request<Body>, Response<Body>, GatewayError>;
+
+/// Long-lived state of one gateway process: the live config and what outlives reloads.
+pub struct Gateway {
+    pub live: Arc<LiveSnapshot>,
+    pub metrics: Arc<Metrics>,
+    pub limiters: Arc<RateLimiters>,
+    pub readiness: Arc<Readiness>,
+}
+
+impl Gateway {
+    pub fn new(config: Config) -> Result<Gateway, ConfigError> {
+        let metrics = Arc::new(Metrics::new());
+        metrics.set_config_info(&config.source_hash);
+        metrics
+            .config_last_reload_success_timestamp_seconds
+            .set(chrono::Utc::now().timestamp() as f64);
+        let limiters = Arc::new(RateLimiters::new(&config));
+        let snapshot = Snapshot::build(config)?;
+        Ok(Gateway {
+            live: Arc::new(LiveSnapshot::from_pointee(snapshot)),
+            metrics,
+            limiters,
+            readiness: Arc::new(Readiness::default()),
+        })
+    }
+
+    pub fn snapshot(&self) -> Arc<Snapshot> {
+        self.live.load_full()
+    }
+
+    /// The full stack, top to bottom.
+    pub fn service(&self) -> GatewayService {
+        let proxied: InnerService = BoxCloneService::new(
+            ServiceBuilder::new()
+                .layer(AuthLayer)
+                .layer(RateLimitLayer::new(self.limiters.clone()))
+                .layer(ValidateLayer)
+                .service(UpstreamService::new(self.metrics.clone())),
+        );
+        let ops: InnerService = BoxCloneService::new(OpsService::new(
+            self.metrics.clone(),
+            self.readiness.clone(),
+        ));
+        let dispatch = Dispatch { proxied, ops };
+        BoxCloneService::new(
+            ServiceBuilder::new()
+                .layer(ObserveLayer::new(self.live.clone(), self.metrics.clone()))
+                .layer(LimitsLayer)
+                .layer(RouteLayer)
+                .service(dispatch),
+        )
+    }
+
+    /// Periodic housekeeping: drops idle rate-limiter keys so memory stays bounded.
+    pub fn spawn_housekeeping(&self) -> tokio::task::JoinHandle<()> {
+        let limiters = self.limiters.clone();
+        let metrics = self.metrics.clone();
+        tokio::spawn(async move {
+            let mut tick = tokio::time::interval(Duration::from_secs(30));
+            loop {
+                tick.tick().await;
+                limiters.evict_idle();
+                metrics
+                    .ratelimit_tracked_keys
+                    .set(limiters.tracked_keys() as i64);
+            }
+        })
+    }
+
+    /// Serves until `shutdown` resolves, then drains in-flight requests for up to
+    /// `server.shutdown_grace_ms`.
+    pub async fn serve(
+        self,
+        listener: TcpListener,
+        metrics_listener: Option<TcpListener>,
+        shutdown: impl Future<Output = ()> + Send + 'static,
+    ) {
+        let (stop_tx, stop_rx) = watch::channel(false);
+        let grace = Duration::from_millis(self.snapshot().config.server.shutdown_grace_ms);
+        let housekeeping = self.spawn_housekeeping();
+        let metrics_task = metrics_listener.map(|listener| {
+            let metrics = self.metrics.clone();
+            let service = tower::service_fn(move |_request: Request<Body>| {
+                let response = ops::metrics_response(&metrics);
+                async move { Ok::<_, Infallible>(response) }
+            });
+            tokio::spawn(serve_listener(
+                listener,
+                BoxCloneService::new(service),
+                stop_rx.clone(),
+                grace,
+            ))
+        });
+        let readiness = self.readiness.clone();
+        tokio::spawn(async move {
+            shutdown.await;
+            tracing::info!("shutdown requested: draining in-flight requests");
+            readiness.start_draining();
+            let _ = stop_tx.send(true);
+        });
+        serve_listener(listener, self.service(), stop_rx, grace).await;
+        if let Some(task) = metrics_task {
+            let _ = task.await;
+        }
+        housekeeping.abort();
+        tracing::info!("gateway stopped");
+    }
+}
+
+/// Accepts connections until told to stop, then waits for open connections to finish.
+async fn serve_listener(
+    listener: TcpListener,
+    service: GatewayService,
+    mut stop: watch::Receiver<bool>,
+    grace: Duration,
+) {
+    let graceful = GracefulShutdown::new();
+    let mut builder = auto::Builder::new(TokioExecutor::new());
+    // Slow or idle clients must not hold a connection's header read open forever.
+    builder
+        .http1()
+        .timer(TokioTimer::new())
+        .header_read_timeout(Duration::from_secs(30));
+    loop {
+        tokio::select! {
+            accepted = listener.accept() => {
+                let (stream, _peer) = match accepted {
+                    Ok(accepted) => accepted,
+                    Err(err) => {
+                        // Typically out of file descriptors: back off instead of spinning.
+                        tracing::warn!(error = %err, "accept failed");
+                        tokio::time::sleep(Duration::from_millis(50)).await;
+                        continue;
+                    }
+                };
+                let _ = stream.set_nodelay(true);
+                let connection = builder
+                    .serve_connection_with_upgrades(
+                        TokioIo::new(stream),
+                        HyperAdapter(service.clone()),
+                    )
+                    .into_owned();
+                let connection = graceful.watch(connection);
+                tokio::spawn(async move {
+                    if let Err(err) = connection.await {
+                        tracing::debug!(error = %err, "connection ended with an error");
+                    }
+                });
+            }
+            // The guard `wait_for` returns must not live across an await: drop it inside.
+            _ = async { let _ = stop.wait_for(|stopped| *stopped).await; } => break,
+        }
+    }
+    drop(listener);
+    tokio::select! {
+        _ = graceful.shutdown() => {}
+        _ = tokio::time::sleep(grace) => {
+            tracing::warn!(grace_ms = grace.as_millis() as u64, "shutdown grace period over; closing remaining connections");
+        }
+    }
+}
+
+/// Hands hyper's `Incoming` request bodies to the stack as the boxed `Body`.
+#[derive(Clone)]
+struct HyperAdapter(GatewayService);
+
+impl hyper::service::Service<Request<hyper::body::Incoming>> for HyperAdapter {
+    type Response = Response<Body>;
+    type Error = Infallible;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, Infallible>> + Send>>;
+
+    fn call(&self, request: Request<hyper::body::Incoming>) -> Self::Future {
+        Box::pin(self.0.clone().oneshot(request.map(body::boxed)))
+    }
+}
+
+/// Sends each routed request to the part of the stack that handles its route kind.
+#[derive(Clone)]
+struct Dispatch {
+    proxied: InnerService,
+    ops: InnerService,
+}
+
+impl Service<Request<Body>> for Dispatch {
+    type Response = Response<Body>;
+    type Error = GatewayError;
+    type Future = Pin<Box<dyn Future<Output = Result<Response<Body>, GatewayError>> + Send>>;
+
+    fn poll_ready(&mut self, _cx: &mut Context<'_>) -> Poll<Result<(), GatewayError>> {
+        Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: Request<Body>) -> Self::Future {
+        let kind = request.extensions().get::<Route>().map(|r| r.kind.clone());
+        let target = match kind {
+            Some(kind) if kind.is_proxied() => self.proxied.clone(),
+            Some(RouteKind::Health | RouteKind::Ready | RouteKind::Metrics) => self.ops.clone(),
+            Some(RouteKind::RunwayCallback { .. }) => {
+                return Box::pin(async {
+                    Err(GatewayError::NotFound("unknown callback token".into()))
+                })
+            }
+            Some(RouteKind::Admin) => {
+                return Box::pin(async {
+                    Err(GatewayError::NotFound(
+                        "the admin API is disabled: set [admin] token".into(),
+                    ))
+                })
+            }
+            _ => {
+                return Box::pin(async {
+                    Err(GatewayError::Internal("request was not routed".into()))
+                })
+            }
+        };
+        Box::pin(target.oneshot(request))
+    }
+}
+
+/// A gateway running in the background on already-bound listeners (tests, `--demo`).
+pub struct RunningGateway {
+    pub addr: SocketAddr,
+    pub metrics_addr: Option<SocketAddr>,
+    pub live: Arc<LiveSnapshot>,
+    pub metrics: Arc<Metrics>,
+    stop: Option<tokio::sync::oneshot::Sender<()>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl RunningGateway {
+    pub async fn start(
+        config: Config,
+        listener: TcpListener,
+        metrics_listener: Option<TcpListener>,
+    ) -> Result<RunningGateway, ConfigError> {
+        let gateway = Gateway::new(config)?;
+        let addr = listener
+            .local_addr()
+            .expect("a bound listener has an address");
+        let metrics_addr = metrics_listener
+            .as_ref()
+            .map(|l| l.local_addr().expect("a bound listener has an address"));
+        let live = gateway.live.clone();
+        let metrics = gateway.metrics.clone();
+        let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+        let task = tokio::spawn(gateway.serve(listener, metrics_listener, async move {
+            let _ = stop_rx.await;
+        }));
+        Ok(RunningGateway {
+            addr,
+            metrics_addr,
+            live,
+            metrics,
+            stop: Some(stop_tx),
+            task,
+        })
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.addr)
+    }
+
+    /// Starts a graceful shutdown and waits until the gateway has stopped.
+    pub async fn shutdown(mut self) {
+        if let Some(stop) = self.stop.take() {
+            let _ = stop.send(());
+        }
+        let _ = (&mut self.task).await;
+    }
+}
+
+impl Drop for RunningGateway {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
