@@ -728,10 +728,8 @@ fn deserialize_at<T: DeserializeOwned>(
 /// Replaces `${NAME}` in every string of the tree; `$${` stays a literal `${`.
 fn expand_env(value: &mut toml::Value, at: &str, env: &dyn EnvLookup, problems: &mut Vec<String>) {
     match value {
-        toml::Value::String(text) => {
-            if text.contains("${") {
-                *text = expand_string(text, at, env, problems);
-            }
+        toml::Value::String(text) if text.contains("${") => {
+            *text = expand_string(text, at, env, problems);
         }
         toml::Value::Array(items) => {
             for (i, item) in items.iter_mut().enumerate() {

@@ -695,26 +695,3 @@ mod tests {
         assert_eq!(calls.load(std::sync::atomic::Ordering::SeqCst), 13);
     }
 }
-
-/// STUB pass-through layer.
-#[derive(Clone)]
-pub struct RateLimitLayer;
-
-impl RateLimitLayer {
-    pub fn new(_limiters: std::sync::Arc<RateLimiters>) -> RateLimitLayer {
-        RateLimitLayer
-    }
-}
-
-impl<S> tower::Layer<S> for RateLimitLayer {
-    type Service = S;
-    fn layer(&self, inner: S) -> S {
-        inner
-    }
-}
-
-impl RateLimiters {
-    pub fn tracked_keys(&self) -> usize {
-        0
-    }
-}
