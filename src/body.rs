@@ -38,13 +38,27 @@ where
 /// Reads a whole body into memory, failing once more than `limit` bytes arrived.
 ///
 /// Used where a layer must see the JSON (validation, settlement); everything else streams.
-pub async fn collect_limited(body: Body, limit: usize) -> Result<Bytes, CollectError> {
-    let limited = http_body_util::Limited::new(body, limit);
-    match limited.collect().await {
-        Ok(collected) => Ok(collected.to_bytes()),
-        Err(err) if err.is::<http_body_util::LengthLimitError>() => Err(CollectError::TooLarge),
-        Err(err) => Err(CollectError::Read(err.to_string())),
+/// A frame loop rather than `Limited::collect()`: rustc cannot prove that combinator's
+/// future `Send` inside a layer's boxed future (a higher-ranked `From<Box<dyn Error>>` bound).
+pub async fn collect_limited(mut body: Body, limit: usize) -> Result<Bytes, CollectError> {
+    let mut buffer = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        let frame = frame.map_err(|err| {
+            // The limits layer wraps request bodies in `Limited` with the same limit.
+            if err.is::<http_body_util::LengthLimitError>() {
+                CollectError::TooLarge
+            } else {
+                CollectError::Read(err.to_string())
+            }
+        })?;
+        if let Ok(data) = frame.into_data() {
+            if buffer.len() + data.len() > limit {
+                return Err(CollectError::TooLarge);
+            }
+            buffer.extend_from_slice(&data);
+        }
     }
+    Ok(buffer.freeze())
 }
 
 #[derive(Debug)]

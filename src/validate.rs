@@ -13,14 +13,13 @@
 //!    request's extensions, for the quota layer to persist before forwarding;
 //! 6. forwards the re-serialized JSON body with a matching `Content-Length`.
 
-use crate::body::{self, Body};
+use crate::body::{self, Body, CollectError};
 use crate::config::{UnknownFields, ValidationConfig};
 use crate::error::GatewayError;
 use crate::route::{Route, RouteKind};
 use crate::snapshot::Snapshot;
-use bytes::{Bytes, BytesMut};
+use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Request, Response};
-use http_body_util::BodyExt;
 use serde_json::{Map, Value};
 use std::future::Future;
 use std::pin::Pin;
@@ -474,25 +473,16 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), GatewayError> {
     }
 }
 
-/// Reads a whole body, failing with 413 once more than `limit` bytes arrived.
-///
-/// Same contract as `body::collect_limited`, whose future cannot be proven `Send` by rustc
-/// (`Collect<Limited<Body>>` trips the higher-ranked `From<Box<dyn Error>>` limitation), so it
-/// cannot be awaited inside a layer's boxed `Send` future. A frame loop holds only `&mut Body`.
-async fn read_limited(mut incoming: Body, limit: usize) -> Result<Bytes, GatewayError> {
-    let mut buffer = BytesMut::new();
-    while let Some(frame) = incoming.frame().await {
-        let frame = frame.map_err(|err| {
-            GatewayError::BadRequest(format!("could not read the request body: {err}"))
-        })?;
-        if let Ok(data) = frame.into_data() {
-            if buffer.len() + data.len() > limit {
-                return Err(GatewayError::PayloadTooLarge { limit });
+/// Reads the whole body (413 past `limit`).
+async fn read_limited(incoming: Body, limit: usize) -> Result<Bytes, GatewayError> {
+    body::collect_limited(incoming, limit)
+        .await
+        .map_err(|err| match err {
+            CollectError::TooLarge => GatewayError::PayloadTooLarge { limit },
+            CollectError::Read(err) => {
+                GatewayError::BadRequest(format!("could not read the request body: {err}"))
             }
-            buffer.extend_from_slice(&data);
-        }
-    }
-    Ok(buffer.freeze())
+        })
 }
 
 /// Validates and rewrites one generate request (steps 1–6 of the module doc).
@@ -1058,16 +1048,5 @@ mod tests {
             assert_eq!(headers[header::CONTENT_TYPE], "text/plain");
             assert!(seen.task.is_none());
         }
-    }
-}
-
-/// STUB pass-through layer.
-#[derive(Clone, Default)]
-pub struct ValidateLayer;
-
-impl<S> tower::Layer<S> for ValidateLayer {
-    type Service = S;
-    fn layer(&self, inner: S) -> S {
-        inner
     }
 }
