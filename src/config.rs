@@ -50,6 +50,9 @@ pub struct Config {
     pub store: StoreConfig,
     pub admin: AdminConfig,
     pub log: LogConfig,
+    pub prices: PriceTable,
+    pub reconciler: ReconcilerConfig,
+    pub callbacks: CallbacksConfig,
     /// Short hash of the file's contents (before `${ENV}` expansion, so it reveals no
     /// secret): shows in metrics which version of the file is live.
     pub source_hash: String,
@@ -298,6 +301,186 @@ pub struct LogConfig {
     pub format: LogFormat,
 }
 
+/// The models and video lengths `POST /runway/pro/generate` accepts (upstream-api.md).
+pub const RUNWAY_MODELS: &[&str] = &["gen2", "gen3"];
+pub const RUNWAY_SECONDS: &[u32] = &[5, 10];
+
+/// Points reserved per request, before the upstream says what a task really cost.
+///
+/// ```toml
+/// [prices.runway_generate]
+/// default = 320            # optional: any combination not listed
+/// gen3 = { 5 = 160, 10 = 320 }
+/// gen2 = { 5 = 100, 10 = 200 }
+/// ```
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct PriceTable {
+    runway_generate: std::collections::BTreeMap<(String, u32), Points>,
+    runway_generate_default: Option<Points>,
+}
+
+impl PriceTable {
+    /// The reservation for one generate; validation guarantees every allowed combination has one.
+    pub fn runway_generate(&self, model: &str, seconds: u32) -> Option<Points> {
+        self.runway_generate
+            .get(&(model.to_string(), seconds))
+            .copied()
+            .or(self.runway_generate_default)
+    }
+
+    /// Used when the file has no `[prices]`: the upstream's observed prices
+    /// (gen3: 320 points for 10 s; the rest in proportion).
+    fn builtin() -> PriceTable {
+        let mut table = PriceTable::default();
+        for (model, seconds, points) in [
+            ("gen3", 5, 160),
+            ("gen3", 10, 320),
+            ("gen2", 5, 100),
+            ("gen2", 10, 200),
+        ] {
+            table
+                .runway_generate
+                .insert((model.to_string(), seconds), Points::from_whole(points));
+        }
+        table
+    }
+
+    fn from_tree(value: Option<&toml::Value>, problems: &mut Vec<String>) -> PriceTable {
+        let mut table = PriceTable::default();
+        let Some(value) = value else {
+            return PriceTable::builtin();
+        };
+        let Some(prices) = value.as_table() else {
+            problems.push("prices: expected a table".to_string());
+            return table;
+        };
+        for name in prices.keys() {
+            if name != "runway_generate" {
+                problems.push(format!(
+                    "prices.{name}: unknown setting; expected runway_generate"
+                ));
+            }
+        }
+        let Some(runway) = prices
+            .get("runway_generate")
+            .and_then(toml::Value::as_table)
+        else {
+            problems.push(
+                "prices.runway_generate: expected a table, e.g. gen3 = { 5 = 160, 10 = 320 }"
+                    .to_string(),
+            );
+            return table;
+        };
+        for (model, entry) in runway {
+            let at = format!("prices.runway_generate.{model}");
+            if model == "default" {
+                table.runway_generate_default = deserialize_at::<Points>(entry, &at, problems);
+                continue;
+            }
+            if !RUNWAY_MODELS.contains(&model.as_str()) {
+                problems.push(format!(
+                    "{at}: unknown model; expected default or one of {}",
+                    RUNWAY_MODELS.join(", ")
+                ));
+                continue;
+            }
+            let Some(by_seconds) = entry.as_table() else {
+                problems.push(format!("{at}: expected a table of seconds = points"));
+                continue;
+            };
+            for (seconds, points) in by_seconds {
+                let at = format!("{at}.{seconds}");
+                match seconds.parse::<u32>() {
+                    Ok(secs) if RUNWAY_SECONDS.contains(&secs) => {
+                        if let Some(points) = deserialize_at::<Points>(points, &at, problems) {
+                            table.runway_generate.insert((model.clone(), secs), points);
+                        }
+                    }
+                    _ => problems.push(format!("{at}: seconds must be one of 5, 10")),
+                }
+            }
+        }
+        for model in RUNWAY_MODELS {
+            for seconds in RUNWAY_SECONDS {
+                if table.runway_generate(model, *seconds).is_none() {
+                    problems.push(format!(
+                        "prices.runway_generate.{model}.{seconds}: missing price (and no default)"
+                    ));
+                }
+            }
+        }
+        table
+    }
+}
+
+/// The background task that settles tasks nobody reported on (no callback, no feed).
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct ReconcilerConfig {
+    /// How often it looks for pending tasks.
+    pub interval_s: u64,
+    /// A task pending this long is polled with /runway/feed.
+    pub reconcile_after_s: u64,
+    /// A task pending this long is reported as stuck (it stays reserved for a human).
+    pub max_pending_s: u64,
+    /// Feeds in flight at once.
+    pub concurrency: usize,
+}
+
+impl Default for ReconcilerConfig {
+    fn default() -> Self {
+        ReconcilerConfig {
+            interval_s: 15,
+            reconcile_after_s: 120,
+            max_pending_s: 6 * 3600,
+            concurrency: 4,
+        }
+    }
+}
+
+/// Delivery of task callbacks to the callers' own `callback_url`.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(default, deny_unknown_fields)]
+pub struct CallbacksConfig {
+    /// Hosts a caller's callback_url may point to (`*.example.com` matches subdomains);
+    /// empty allows any host.
+    pub allowed_hosts: Vec<String>,
+    /// Delivery attempts before a callback is marked dead.
+    pub max_attempts: u32,
+    pub initial_backoff_ms: u64,
+    pub max_backoff_ms: u64,
+    pub delivery_timeout_ms: u64,
+    /// Largest callback body accepted from the upstream.
+    pub max_body_bytes: usize,
+}
+
+impl Default for CallbacksConfig {
+    fn default() -> Self {
+        CallbacksConfig {
+            allowed_hosts: Vec::new(),
+            max_attempts: 8,
+            initial_backoff_ms: 1_000,
+            max_backoff_ms: 300_000,
+            delivery_timeout_ms: 10_000,
+            max_body_bytes: 256 * 1024,
+        }
+    }
+}
+
+impl CallbacksConfig {
+    pub fn host_allowed(&self, host: &str) -> bool {
+        let host = host.to_ascii_lowercase();
+        self.allowed_hosts.is_empty()
+            || self.allowed_hosts.iter().any(|allowed| {
+                let allowed = allowed.to_ascii_lowercase();
+                match allowed.strip_prefix("*.") {
+                    Some(domain) => host.ends_with(&format!(".{domain}")),
+                    None => host == allowed,
+                }
+            })
+    }
+}
+
 /// Everything wrong with a configuration, one line per problem.
 #[derive(Debug, Clone, PartialEq, Eq, thiserror::Error)]
 #[error("invalid configuration:\n  - {}", .problems.join("\n  - "))]
@@ -334,6 +517,9 @@ const SECTIONS: &[&str] = &[
     "store",
     "admin",
     "log",
+    "prices",
+    "reconciler",
+    "callbacks",
 ];
 
 impl Config {
@@ -381,6 +567,9 @@ impl Config {
         let store: StoreConfig = section(tree, "store", &mut problems);
         let admin: AdminConfig = section(tree, "admin", &mut problems);
         let log: LogConfig = section(tree, "log", &mut problems);
+        let reconciler: ReconcilerConfig = section(tree, "reconciler", &mut problems);
+        let callbacks: CallbacksConfig = section(tree, "callbacks", &mut problems);
+        let prices = PriceTable::from_tree(tree.get("prices"), &mut problems);
         let default_policy = tree.get("defaults").and_then(toml::Value::as_table);
         let raw_keys: Vec<(usize, RawKey)> = match tree.get("keys") {
             None => Vec::new(),
@@ -408,6 +597,9 @@ impl Config {
             store,
             admin,
             log,
+            prices,
+            reconciler,
+            callbacks,
             source_hash,
         };
         config.keys = validate_keys(raw_keys, &mut problems);
@@ -486,6 +678,32 @@ impl Config {
             false,
             problems,
         );
+        let r = &self.reconciler;
+        if r.interval_s == 0 || r.reconcile_after_s == 0 || r.concurrency == 0 {
+            problems.push(
+                "reconciler.interval_s / reconcile_after_s / concurrency: must be greater than 0"
+                    .to_string(),
+            );
+        }
+        if r.max_pending_s <= r.reconcile_after_s {
+            problems.push(
+                "reconciler.max_pending_s: must be greater than reconciler.reconcile_after_s"
+                    .to_string(),
+            );
+        }
+        let c = &self.callbacks;
+        if c.max_attempts == 0 || c.initial_backoff_ms == 0 || c.delivery_timeout_ms == 0 {
+            problems.push(
+                "callbacks.max_attempts / initial_backoff_ms / delivery_timeout_ms: must be greater than 0"
+                    .to_string(),
+            );
+        }
+        if c.max_backoff_ms < c.initial_backoff_ms {
+            problems.push(
+                "callbacks.max_backoff_ms: must be at least callbacks.initial_backoff_ms"
+                    .to_string(),
+            );
+        }
         if self.store.path.as_os_str().is_empty() {
             problems.push("store.path: must name a file".to_string());
         }
@@ -801,6 +1019,7 @@ mod tests {
         [upstream]
         base_url = "http://127.0.0.1:9/"
         token = "${UPSTREAM_TOKEN}"
+
     "#;
 
     #[test]
@@ -859,6 +1078,55 @@ mod tests {
         );
         assert!(all.contains("keys[1].rate_per_second"), "{all}");
         assert!(err.problems.len() >= 4, "{all}");
+    }
+
+    #[test]
+    fn prices_cover_every_allowed_combination() {
+        let text = format!(
+            "{MINIMAL}\n[prices.runway_generate]\ngen3 = {{ 5 = 160, 10 = 320 }}\ngen2 = {{ 10 = 200, 7 = 1 }}\ngen9 = {{ 5 = 1 }}\n"
+        );
+        let err = Config::from_toml(&text, &env).unwrap_err();
+        let all = err.problems.join("\n");
+        assert!(
+            all.contains("prices.runway_generate.gen2.5: missing price"),
+            "{all}"
+        );
+        assert!(
+            all.contains("prices.runway_generate.gen2.7: seconds must be"),
+            "{all}"
+        );
+        assert!(
+            all.contains("prices.runway_generate.gen9: unknown model"),
+            "{all}"
+        );
+        assert!(!all.contains("gen3.10"), "{all}");
+
+        let with_default = format!("{MINIMAL}\n[prices.runway_generate]\ndefault = 320\n");
+        let config = Config::from_toml(&with_default, &env).unwrap();
+        assert_eq!(
+            config.prices.runway_generate("gen2", 5),
+            Some(Points::from_whole(320))
+        );
+        let builtin = Config::from_toml(MINIMAL, &env).unwrap();
+        assert_eq!(
+            builtin.prices.runway_generate("gen3", 10),
+            Some(Points::from_whole(320))
+        );
+    }
+
+    #[test]
+    fn callback_hosts_match_exactly_or_by_wildcard() {
+        let callbacks = CallbacksConfig {
+            allowed_hosts: vec!["hooks.example.com".into(), "*.corp.example".into()],
+            ..CallbacksConfig::default()
+        };
+        assert!(callbacks.host_allowed("hooks.example.com"));
+        assert!(callbacks.host_allowed("HOOKS.example.com"));
+        assert!(callbacks.host_allowed("a.b.corp.example"));
+        assert!(!callbacks.host_allowed("corp.example"));
+        assert!(!callbacks.host_allowed("evil-hooks.example.com"));
+        assert!(!callbacks.host_allowed("hooks.example.com.evil"));
+        assert!(CallbacksConfig::default().host_allowed("anything"));
     }
 
     #[test]
