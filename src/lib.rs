@@ -8,6 +8,7 @@ pub mod body;
 pub mod config;
 pub mod context;
 pub mod error;
+pub mod mock_upstream;
 pub mod points;
 pub mod ratelimit;
 pub mod route;
