@@ -90,8 +90,13 @@ pub fn main() -> ExitCode {
                 ..MockConfig::default()
             };
             run_async(async move {
-                crate::mock_upstream::run_cli(listen, config).await;
-                ExitCode::SUCCESS
+                match crate::mock_upstream::run_cli(listen, config).await {
+                    Ok(()) => ExitCode::SUCCESS,
+                    Err(err) => {
+                        eprintln!("gatehouse: {err}");
+                        ExitCode::FAILURE
+                    }
+                }
             })
         }
     }

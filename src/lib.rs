@@ -5,11 +5,13 @@
 
 pub mod auth;
 pub mod body;
+pub mod cli;
 pub mod config;
 pub mod context;
 pub mod error;
 pub mod limits;
 pub mod metrics;
+pub mod mock_upstream;
 pub mod observe;
 pub mod ops;
 pub mod points;
