@@ -9,6 +9,7 @@ pub mod config;
 pub mod context;
 pub mod error;
 pub mod points;
+pub mod quota;
 pub mod ratelimit;
 pub mod route;
 pub mod snapshot;
