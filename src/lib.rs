@@ -15,6 +15,7 @@ pub mod mock_upstream;
 pub mod observe;
 pub mod ops;
 pub mod points;
+pub mod quota;
 pub mod ratelimit;
 pub mod route;
 pub mod server;
