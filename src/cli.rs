@@ -11,7 +11,11 @@ use std::process::ExitCode;
 use std::time::Duration;
 
 #[derive(Parser)]
-#[command(name = "gatehouse", version, about = "API gateway for an AI aggregator upstream")]
+#[command(
+    name = "gatehouse",
+    version,
+    about = "API gateway for an AI aggregator upstream"
+)]
 pub struct Cli {
     #[command(subcommand)]
     command: Command,
@@ -103,7 +107,10 @@ pub fn main() -> ExitCode {
 }
 
 fn run_async(future: impl std::future::Future<Output = ExitCode>) -> ExitCode {
-    match tokio::runtime::Builder::new_multi_thread().enable_all().build() {
+    match tokio::runtime::Builder::new_multi_thread()
+        .enable_all()
+        .build()
+    {
         Ok(runtime) => runtime.block_on(future),
         Err(err) => {
             eprintln!("gatehouse: cannot start the async runtime: {err}");
@@ -120,7 +127,11 @@ fn check(path: &Path) -> ExitCode {
                 "{}: ok ({} keys, JWT {}, upstream {})",
                 path.display(),
                 config.keys.len(),
-                if config.auth.jwt.is_some() { "on" } else { "off" },
+                if config.auth.jwt.is_some() {
+                    "on"
+                } else {
+                    "off"
+                },
                 config.upstream.base_url
             );
             ExitCode::SUCCESS
@@ -143,7 +154,9 @@ fn hash_key() -> ExitCode {
     }
     let key = input.trim();
     if key.is_empty() {
-        eprintln!("gatehouse hash-key: no key on stdin (try: echo -n \"$KEY\" | gatehouse hash-key)");
+        eprintln!(
+            "gatehouse hash-key: no key on stdin (try: echo -n \"$KEY\" | gatehouse hash-key)"
+        );
         return ExitCode::FAILURE;
     }
     println!("{}", crate::auth::hash_key(key));
@@ -316,7 +329,10 @@ impl DemoSetup {
         }
         let mut demo_key = toml::Table::new();
         demo_key.insert("id".into(), "demo".into());
-        demo_key.insert("key_sha256".into(), crate::auth::hash_key(&self.demo_key).into());
+        demo_key.insert(
+            "key_sha256".into(),
+            crate::auth::hash_key(&self.demo_key).into(),
+        );
         let keys = tree
             .entry("keys")
             .or_insert_with(|| toml::Value::Array(Vec::new()));

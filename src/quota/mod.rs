@@ -24,11 +24,13 @@
 //! ```
 
 pub mod cost;
+pub mod ledger;
 pub mod period;
 pub mod sqlite;
 pub mod store;
 
 pub use cost::{is_terminal, task_cost, Anomaly};
+pub use ledger::{Ledger, ReportOutcome, TaskReport};
 pub use period::{period_end, Clock, ManualClock, PeriodKey, SystemClock};
 pub use sqlite::SqliteStore;
 pub use store::{
