@@ -1,10 +1,12 @@
 //! gatehouse: a self-hosted API gateway in front of an AI aggregator upstream.
 //!
 //! The request path, outermost first (assembled in `server`):
-//! observe → limits → route → auth → ratelimit → validate → upstream.
+//! observe → limits → route → auth → ratelimit → validate → quota → upstream.
 
+pub mod admin;
 pub mod auth;
 pub mod body;
+pub mod callbacks;
 pub mod cli;
 pub mod config;
 pub mod context;
@@ -17,6 +19,7 @@ pub mod ops;
 pub mod points;
 pub mod quota;
 pub mod ratelimit;
+pub mod reconciler;
 pub mod route;
 pub mod server;
 pub mod snapshot;

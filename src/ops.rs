@@ -4,6 +4,7 @@
 use crate::body::{self, Body};
 use crate::error::GatewayError;
 use crate::metrics::Metrics;
+use crate::quota::Store;
 use crate::route::{Route, RouteKind};
 use http::{header, HeaderValue, Request, Response, StatusCode};
 use std::future::Future;
@@ -35,20 +36,34 @@ impl Readiness {
 pub struct OpsService {
     metrics: Arc<Metrics>,
     readiness: Arc<Readiness>,
+    store: Arc<dyn Store>,
 }
 
 impl OpsService {
-    pub fn new(metrics: Arc<Metrics>, readiness: Arc<Readiness>) -> OpsService {
-        OpsService { metrics, readiness }
+    pub fn new(
+        metrics: Arc<Metrics>,
+        readiness: Arc<Readiness>,
+        store: Arc<dyn Store>,
+    ) -> OpsService {
+        OpsService {
+            metrics,
+            readiness,
+            store,
+        }
     }
 
-    fn answer(&self, kind: &RouteKind) -> Result<Response<Body>, GatewayError> {
+    async fn answer(self, kind: RouteKind) -> Result<Response<Body>, GatewayError> {
         match kind {
             RouteKind::Health => Ok(json(StatusCode::OK, r#"{"status":"ok"}"#)),
             RouteKind::Ready if self.readiness.is_draining() => Err(
                 GatewayError::ServiceUnavailable("shutting down: not accepting new work".into()),
             ),
-            RouteKind::Ready => Ok(json(StatusCode::OK, r#"{"status":"ready"}"#)),
+            RouteKind::Ready => match self.store.ping().await {
+                Ok(()) => Ok(json(StatusCode::OK, r#"{"status":"ready"}"#)),
+                Err(err) => Err(GatewayError::ServiceUnavailable(format!(
+                    "the ledger is not reachable: {err}"
+                ))),
+            },
             RouteKind::Metrics => Ok(metrics_response(&self.metrics)),
             other => Err(GatewayError::Internal(format!(
                 "route {other:?} dispatched to the operations service"
@@ -86,12 +101,15 @@ impl tower::Service<Request<Body>> for OpsService {
     }
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
-        let result = match request.extensions().get::<Route>() {
-            Some(route) => self.answer(&route.kind),
-            None => Err(GatewayError::Internal(
-                "request reached ops without a route".into(),
-            )),
-        };
-        Box::pin(async move { result })
+        let kind = request.extensions().get::<Route>().map(|r| r.kind.clone());
+        let service = self.clone();
+        Box::pin(async move {
+            match kind {
+                Some(kind) => service.answer(kind).await,
+                None => Err(GatewayError::Internal(
+                    "request reached ops without a route".into(),
+                )),
+            }
+        })
     }
 }

@@ -1,20 +1,28 @@
 //! The whole request path, assembled in one place, and the listeners that serve it.
 //!
 //! ```text
-//! observe ─ limits ─ route ─┬─ proxied routes: auth ─ ratelimit ─ validate ─ upstream
+//! observe ─ limits ─ route ─┬─ proxied routes: auth ─ ratelimit ─ validate ─ quota ─ upstream
 //!                           ├─ /healthz /readyz /metrics: ops
-//!                           └─ /callbacks/…, /admin/…
+//!                           ├─ /callbacks/runway/{token}: callbacks
+//!                           └─ /admin/…: admin
 //! ```
+//!
+//! Background tasks: the callback outbox worker, the reconciler, and housekeeping.
 
+use crate::admin::AdminService;
 use crate::auth::AuthLayer;
 use crate::body::{self, Body};
+use crate::callbacks::{CallbackService, DeliveryWorker};
 use crate::config::{Config, ConfigError};
 use crate::error::GatewayError;
 use crate::limits::LimitsLayer;
 use crate::metrics::Metrics;
 use crate::observe::ObserveLayer;
 use crate::ops::{self, OpsService, Readiness};
+use crate::quota::layer::QuotaLayer;
+use crate::quota::{Clock, Ledger, SqliteStore, Store, SystemClock};
 use crate::ratelimit::{RateLimitLayer, RateLimiters};
+use crate::reconciler::Reconciler;
 use crate::route::{Route, RouteKind, RouteLayer};
 use crate::snapshot::{LiveSnapshot, Snapshot};
 use crate::upstream::UpstreamService;
@@ -45,10 +53,39 @@ pub struct Gateway {
     pub metrics: Arc<Metrics>,
     pub limiters: Arc<RateLimiters>,
     pub readiness: Arc<Readiness>,
+    pub ledger: Arc<Ledger>,
+    /// Wakes the outbox worker when a callback was queued.
+    outbox_wakeup: Arc<tokio::sync::Notify>,
+}
+
+/// Why a gateway could not start.
+#[derive(Debug, thiserror::Error)]
+pub enum StartError {
+    #[error(transparent)]
+    Config(#[from] ConfigError),
+    #[error("cannot open the ledger (store.path): {0}")]
+    Store(#[from] crate::quota::StoreError),
 }
 
 impl Gateway {
-    pub fn new(config: Config) -> Result<Gateway, ConfigError> {
+    /// Opens the ledger at `store.path` and builds the live snapshot.
+    pub fn new(config: Config) -> Result<Gateway, StartError> {
+        Gateway::with_clock(config, Arc::new(SystemClock))
+    }
+
+    /// As `new`, with the clock the ledger uses for periods and timestamps (tests).
+    pub fn with_clock(config: Config, clock: Arc<dyn Clock>) -> Result<Gateway, StartError> {
+        if let Some(parent) = config.store.path.parent() {
+            if !parent.as_os_str().is_empty() {
+                std::fs::create_dir_all(parent).map_err(|err| {
+                    crate::quota::StoreError::Database(format!(
+                        "cannot create {}: {err}",
+                        parent.display()
+                    ))
+                })?;
+            }
+        }
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.store.path)?);
         let metrics = Arc::new(Metrics::new());
         metrics.set_config_info(&config.source_hash);
         metrics
@@ -56,12 +93,31 @@ impl Gateway {
             .set(chrono::Utc::now().timestamp() as f64);
         let limiters = Arc::new(RateLimiters::new(&config));
         let snapshot = Snapshot::build(config)?;
+        let ledger = Arc::new(Ledger {
+            store,
+            clock,
+            metrics: metrics.clone(),
+        });
         Ok(Gateway {
             live: Arc::new(LiveSnapshot::from_pointee(snapshot)),
             metrics,
             limiters,
             readiness: Arc::new(Readiness::default()),
+            ledger,
+            outbox_wakeup: Arc::new(tokio::sync::Notify::new()),
         })
+    }
+
+    pub fn reconciler(&self) -> Reconciler {
+        Reconciler::new(self.ledger.clone(), self.live.clone())
+    }
+
+    pub fn delivery_worker(&self) -> DeliveryWorker {
+        DeliveryWorker::new(
+            self.ledger.clone(),
+            self.live.clone(),
+            self.outbox_wakeup.clone(),
+        )
     }
 
     pub fn snapshot(&self) -> Arc<Snapshot> {
@@ -75,13 +131,25 @@ impl Gateway {
                 .layer(AuthLayer)
                 .layer(RateLimitLayer::new(self.limiters.clone()))
                 .layer(ValidateLayer)
+                .layer(QuotaLayer::new(self.ledger.clone()))
                 .service(UpstreamService::new(self.metrics.clone())),
         );
         let ops: InnerService = BoxCloneService::new(OpsService::new(
             self.metrics.clone(),
             self.readiness.clone(),
+            self.ledger.store.clone(),
         ));
-        let dispatch = Dispatch { proxied, ops };
+        let callbacks: InnerService = BoxCloneService::new(CallbackService::new(
+            self.ledger.clone(),
+            self.outbox_wakeup.clone(),
+        ));
+        let admin: InnerService = BoxCloneService::new(AdminService::new(self.ledger.clone()));
+        let dispatch = Dispatch {
+            proxied,
+            ops,
+            callbacks,
+            admin,
+        };
         BoxCloneService::new(
             ServiceBuilder::new()
                 .layer(ObserveLayer::new(self.live.clone(), self.metrics.clone()))
@@ -91,8 +159,17 @@ impl Gateway {
         )
     }
 
+    /// The background tasks: outbox delivery, reconciliation, housekeeping.
+    pub fn spawn_background(&self) -> Vec<tokio::task::JoinHandle<()>> {
+        vec![
+            tokio::spawn(self.delivery_worker().run()),
+            tokio::spawn(self.reconciler().run()),
+            self.spawn_housekeeping(),
+        ]
+    }
+
     /// Periodic housekeeping: drops idle rate-limiter keys so memory stays bounded.
-    pub fn spawn_housekeeping(&self) -> tokio::task::JoinHandle<()> {
+    fn spawn_housekeeping(&self) -> tokio::task::JoinHandle<()> {
         let limiters = self.limiters.clone();
         let metrics = self.metrics.clone();
         tokio::spawn(async move {
@@ -117,7 +194,7 @@ impl Gateway {
     ) {
         let (stop_tx, stop_rx) = watch::channel(false);
         let grace = Duration::from_millis(self.snapshot().config.server.shutdown_grace_ms);
-        let housekeeping = self.spawn_housekeeping();
+        let background = self.spawn_background();
         let metrics_task = metrics_listener.map(|listener| {
             let metrics = self.metrics.clone();
             let service = tower::service_fn(move |_request: Request<Body>| {
@@ -142,7 +219,9 @@ impl Gateway {
         if let Some(task) = metrics_task {
             let _ = task.await;
         }
-        housekeeping.abort();
+        for task in background {
+            task.abort();
+        }
         tracing::info!("gateway stopped");
     }
 }
@@ -219,6 +298,8 @@ impl hyper::service::Service<Request<hyper::body::Incoming>> for HyperAdapter {
 struct Dispatch {
     proxied: InnerService,
     ops: InnerService,
+    callbacks: InnerService,
+    admin: InnerService,
 }
 
 impl Service<Request<Body>> for Dispatch {
@@ -235,18 +316,8 @@ impl Service<Request<Body>> for Dispatch {
         let target = match kind {
             Some(kind) if kind.is_proxied() => self.proxied.clone(),
             Some(RouteKind::Health | RouteKind::Ready | RouteKind::Metrics) => self.ops.clone(),
-            Some(RouteKind::RunwayCallback { .. }) => {
-                return Box::pin(async {
-                    Err(GatewayError::NotFound("unknown callback token".into()))
-                })
-            }
-            Some(RouteKind::Admin) => {
-                return Box::pin(async {
-                    Err(GatewayError::NotFound(
-                        "the admin API is disabled: set [admin] token".into(),
-                    ))
-                })
-            }
+            Some(RouteKind::RunwayCallback { .. }) => self.callbacks.clone(),
+            Some(RouteKind::Admin) => self.admin.clone(),
             _ => {
                 return Box::pin(async {
                     Err(GatewayError::Internal("request was not routed".into()))
@@ -263,6 +334,9 @@ pub struct RunningGateway {
     pub metrics_addr: Option<SocketAddr>,
     pub live: Arc<LiveSnapshot>,
     pub metrics: Arc<Metrics>,
+    pub ledger: Arc<Ledger>,
+    pub reconciler: Reconciler,
+    pub delivery_worker: DeliveryWorker,
     stop: Option<tokio::sync::oneshot::Sender<()>>,
     task: tokio::task::JoinHandle<()>,
 }
@@ -272,8 +346,15 @@ impl RunningGateway {
         config: Config,
         listener: TcpListener,
         metrics_listener: Option<TcpListener>,
-    ) -> Result<RunningGateway, ConfigError> {
-        let gateway = Gateway::new(config)?;
+    ) -> Result<RunningGateway, StartError> {
+        RunningGateway::start_gateway(Gateway::new(config)?, listener, metrics_listener).await
+    }
+
+    pub async fn start_gateway(
+        gateway: Gateway,
+        listener: TcpListener,
+        metrics_listener: Option<TcpListener>,
+    ) -> Result<RunningGateway, StartError> {
         let addr = listener
             .local_addr()
             .expect("a bound listener has an address");
@@ -282,6 +363,9 @@ impl RunningGateway {
             .map(|l| l.local_addr().expect("a bound listener has an address"));
         let live = gateway.live.clone();
         let metrics = gateway.metrics.clone();
+        let ledger = gateway.ledger.clone();
+        let reconciler = gateway.reconciler();
+        let delivery_worker = gateway.delivery_worker();
         let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
         let task = tokio::spawn(gateway.serve(listener, metrics_listener, async move {
             let _ = stop_rx.await;
@@ -291,6 +375,9 @@ impl RunningGateway {
             metrics_addr,
             live,
             metrics,
+            ledger,
+            reconciler,
+            delivery_worker,
             stop: Some(stop_tx),
             task,
         })

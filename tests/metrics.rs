@@ -139,10 +139,12 @@ async fn metrics_count_the_requests_just_made() {
 #[tokio::test]
 async fn metrics_can_move_to_their_own_listener() {
     let upstream = gatehouse::mock_upstream::MockUpstream::start(bind().await, manual_mock()).await;
-    let config = parse_config(&config_text(&upstream.base_url(), "").replace(
+    let store = tempfile::tempdir().unwrap();
+    let text = config_text(&upstream.base_url(), "").replace(
         "request_timeout_ms = 10000",
         "request_timeout_ms = 10000\nmetrics_listen = \"127.0.0.1:1\"",
-    ));
+    );
+    let config = parse_config(&with_store(&text, store.path()));
     let metrics_listener = bind().await;
     let gateway =
         gatehouse::server::RunningGateway::start(config, bind().await, Some(metrics_listener))

@@ -150,10 +150,7 @@ async fn upstream_unreachable_is_502() {
     let closed = bind().await;
     let dead_url = format!("http://{}", closed.local_addr().unwrap());
     drop(closed);
-    let config = parse_config(&config_text(&dead_url, ""));
-    let gateway = gatehouse::server::RunningGateway::start(config, bind().await, None)
-        .await
-        .unwrap();
+    let (gateway, _store) = start_gateway(&config_text(&dead_url, "")).await;
     let client = TestClient::new();
 
     let response = client

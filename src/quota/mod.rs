@@ -24,6 +24,7 @@
 //! ```
 
 pub mod cost;
+pub mod layer;
 pub mod ledger;
 pub mod period;
 pub mod sqlite;

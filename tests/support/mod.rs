@@ -84,6 +84,26 @@ pub struct Harness {
     pub upstream: MockUpstream,
     pub gateway: RunningGateway,
     pub client: TestClient,
+    /// Holds the ledger file; removed when the harness is dropped.
+    pub store_dir: tempfile::TempDir,
+}
+
+/// Adds a `[store]` section pointing into `dir` (each test gets its own ledger file).
+pub fn with_store(config_text: &str, dir: &std::path::Path) -> String {
+    format!(
+        "{config_text}\n[store]\npath = {:?}\n",
+        dir.join("ledger.db").display().to_string()
+    )
+}
+
+/// A gateway on port 0 for `config_text`, with its own ledger file.
+pub async fn start_gateway(config_text: &str) -> (RunningGateway, tempfile::TempDir) {
+    let dir = tempfile::tempdir().expect("temp dir");
+    let config = parse_config(&with_store(config_text, dir.path()));
+    let gateway = RunningGateway::start(config, bind().await, None)
+        .await
+        .expect("gateway starts");
+    (gateway, dir)
 }
 
 impl Harness {
@@ -99,14 +119,12 @@ impl Harness {
     /// Full control over the config text, given the mock upstream's URL.
     pub async fn start_custom(mock: MockConfig, config: impl FnOnce(&str) -> String) -> Harness {
         let upstream = MockUpstream::start(bind().await, mock).await;
-        let config = parse_config(&config(&upstream.base_url()));
-        let gateway = RunningGateway::start(config, bind().await, None)
-            .await
-            .expect("gateway starts");
+        let (gateway, store_dir) = start_gateway(&config(&upstream.base_url())).await;
         Harness {
             upstream,
             gateway,
             client: TestClient::new(),
+            store_dir,
         }
     }
 
