@@ -246,9 +246,17 @@ async fn serve(path: Option<PathBuf>, demo: bool, log_format: Option<LogFormatAr
             return ExitCode::from(2);
         }
     };
-    tracing::info!(%listen, metrics = ?metrics_listen, "gatehouse listening");
+    // With port 0 in the config the real port is only known now; scripts and tests read
+    // this line to find the gateway.
+    let bound = listener.local_addr().unwrap_or(listen);
+    let metrics_bound = metrics_listener.as_ref().and_then(|l| l.local_addr().ok());
+    tracing::info!(listen = %bound, metrics = ?metrics_bound, "gatehouse listening");
+    println!("gatehouse listening on http://{bound}");
+    if let Some(addr) = metrics_bound {
+        println!("gatehouse metrics on http://{addr}/metrics");
+    }
     if let Some(setup) = &demo_upstream {
-        setup.print_instructions(listen);
+        setup.print_instructions(bound);
     }
     gateway
         .serve(listener, metrics_listener, shutdown_signal())

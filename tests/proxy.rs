@@ -52,7 +52,7 @@ async fn generate_reaches_upstream_rewritten_with_the_upstream_token() {
     assert_eq!(forwarded["style"], "cinematic", "default style filled");
     let callback = forwarded["callback_url"].as_str().unwrap();
     let token = callback
-        .strip_prefix("http://gatehouse.test/callbacks/runway/")
+        .strip_prefix(&format!("{}/callbacks/runway/", h.gateway.url()))
         .unwrap_or_else(|| panic!("callback_url rewritten to the gateway: {callback}"));
     assert_eq!(token.len(), 32);
     assert!(token.bytes().all(|b| b.is_ascii_hexdigit()));

@@ -29,7 +29,7 @@ pub fn config_text(upstream_url: &str, extra: &str) -> String {
         r#"
 [server]
 listen = "127.0.0.1:0"
-public_url = "http://gatehouse.test"
+public_url = "{GATEWAY_URL}"
 request_timeout_ms = 10000
 
 [upstream]
@@ -96,14 +96,36 @@ pub fn with_store(config_text: &str, dir: &std::path::Path) -> String {
     )
 }
 
+/// The placeholder for the gateway's own URL in test configs (`server.public_url`), replaced
+/// by the real address once the listener is bound, so the mock's callbacks reach the gateway.
+pub const GATEWAY_URL: &str = "http://gatehouse.test";
+
 /// A gateway on port 0 for `config_text`, with its own ledger file.
 pub async fn start_gateway(config_text: &str) -> (RunningGateway, tempfile::TempDir) {
+    start_gateway_with_clock(config_text, None).await
+}
+
+/// As `start_gateway`, with an injected ledger clock.
+pub async fn start_gateway_with_clock(
+    config_text: &str,
+    clock: Option<std::sync::Arc<dyn gatehouse::quota::Clock>>,
+) -> (RunningGateway, tempfile::TempDir) {
     let dir = tempfile::tempdir().expect("temp dir");
-    let config = parse_config(&with_store(config_text, dir.path()));
-    let gateway = RunningGateway::start(config, bind().await, None)
+    let listener = bind().await;
+    let url = format!("http://{}", listener.local_addr().unwrap());
+    let config = parse_config(&with_store(
+        &config_text.replace(GATEWAY_URL, &url),
+        dir.path(),
+    ));
+    let gateway = match clock {
+        Some(clock) => gatehouse::server::Gateway::with_clock(config, clock),
+        None => gatehouse::server::Gateway::new(config),
+    }
+    .expect("gateway starts");
+    let running = RunningGateway::start_gateway(gateway, listener, None)
         .await
         .expect("gateway starts");
-    (gateway, dir)
+    (running, dir)
 }
 
 impl Harness {
@@ -118,8 +140,17 @@ impl Harness {
 
     /// Full control over the config text, given the mock upstream's URL.
     pub async fn start_custom(mock: MockConfig, config: impl FnOnce(&str) -> String) -> Harness {
+        Harness::start_full(mock, config, None).await
+    }
+
+    pub async fn start_full(
+        mock: MockConfig,
+        config: impl FnOnce(&str) -> String,
+        clock: Option<std::sync::Arc<dyn gatehouse::quota::Clock>>,
+    ) -> Harness {
         let upstream = MockUpstream::start(bind().await, mock).await;
-        let (gateway, store_dir) = start_gateway(&config(&upstream.base_url())).await;
+        let (gateway, store_dir) =
+            start_gateway_with_clock(&config(&upstream.base_url()), clock).await;
         Harness {
             upstream,
             gateway,
