@@ -425,6 +425,10 @@ pub struct ReconcilerConfig {
     pub max_pending_s: u64,
     /// Feeds in flight at once.
     pub concurrency: usize,
+    /// A reservation with no upstream answer recorded this long is released (the gateway
+    /// died mid-submit). Unset: `upstream.timeout_ms` plus a minute, when no submit can
+    /// still be in flight.
+    pub stale_reservation_after_s: Option<u64>,
 }
 
 impl Default for ReconcilerConfig {
@@ -434,6 +438,7 @@ impl Default for ReconcilerConfig {
             reconcile_after_s: 120,
             max_pending_s: 6 * 3600,
             concurrency: 4,
+            stale_reservation_after_s: None,
         }
     }
 }
@@ -452,6 +457,14 @@ pub struct CallbacksConfig {
     pub delivery_timeout_ms: u64,
     /// Largest callback body accepted from the upstream.
     pub max_body_bytes: usize,
+}
+
+impl ReconcilerConfig {
+    /// See `stale_reservation_after_s`.
+    pub fn stale_reservation_after_s(&self, upstream: &UpstreamConfig) -> u64 {
+        self.stale_reservation_after_s
+            .unwrap_or(upstream.timeout_ms.div_ceil(1000) + 60)
+    }
 }
 
 impl Default for CallbacksConfig {
@@ -679,11 +692,13 @@ impl Config {
             problems,
         );
         let r = &self.reconciler;
-        if r.interval_s == 0 || r.reconcile_after_s == 0 || r.concurrency == 0 {
-            problems.push(
-                "reconciler.interval_s / reconcile_after_s / concurrency: must be greater than 0"
-                    .to_string(),
-            );
+        if r.interval_s == 0 || r.concurrency == 0 {
+            problems
+                .push("reconciler.interval_s / concurrency: must be greater than 0".to_string());
+        }
+        if r.stale_reservation_after_s == Some(0) {
+            problems
+                .push("reconciler.stale_reservation_after_s: must be greater than 0".to_string());
         }
         if r.max_pending_s <= r.reconcile_after_s {
             problems.push(

@@ -208,6 +208,37 @@ impl Metrics {
             ))
             .expect("registered once");
 
+        // Series with fixed label values exist from the start (at 0), so dashboards, alerts
+        // and `rate()` see them before the first event rather than a missing series.
+        for (metric, values) in [
+            (&config_reloads_total, &["success", "error"][..]),
+            (
+                &upstream_errors_total,
+                &["connect", "timeout", "protocol", "status_5xx"][..],
+            ),
+            (&tasks_settled_total, &["succeeded", "failed"][..]),
+            (
+                &callbacks_received_total,
+                &["accepted", "unknown_token", "malformed", "error"][..],
+            ),
+            (
+                &callback_deliveries_total,
+                &["delivered", "retry", "dead"][..],
+            ),
+            (
+                &settlement_anomalies_total,
+                &["missing_point", "unparseable_point", "unparseable_refund"][..],
+            ),
+            (
+                &unknown_task_status_total,
+                &["callback", "feed", "reconciler"][..],
+            ),
+        ] {
+            for value in values {
+                metric.with_label_values(&[value]);
+            }
+        }
+
         Metrics {
             registry,
             requests_total,
@@ -233,6 +264,23 @@ impl Metrics {
             unknown_task_status_total,
             config_reloads_total,
             config_last_reload_success_timestamp_seconds,
+        }
+    }
+
+    /// Creates the per-key series at 0 for every configured key.
+    pub fn init_keys<'a>(&self, key_ids: impl Iterator<Item = &'a str>) {
+        for key in key_ids {
+            for metric in [
+                &self.points_reserved_total,
+                &self.points_charged_total,
+                &self.points_refunded_total,
+                &self.points_released_total,
+            ] {
+                metric.with_label_values(&[key]);
+            }
+            for scope in ["key", "global"] {
+                self.rate_limited_total.with_label_values(&[key, scope]);
+            }
         }
     }
 

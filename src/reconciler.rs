@@ -2,7 +2,7 @@
 //!
 //! Every `reconciler.interval_s` it
 //! 1. releases reservations that never got an upstream answer (the gateway died between
-//!    reserve and attach): `reserved` rows older than the upstream timeout plus a margin;
+//!    reserve and attach): `reserved` rows older than `stale_reservation_after_s`;
 //! 2. polls `POST /runway/feed` with the upstream token for tasks pending longer than
 //!    `reconcile_after_s` (at most `concurrency` at once) and settles terminal ones;
 //!    `task_not_exist` shortly after submit is normal and leaves the task pending;
@@ -59,13 +59,11 @@ impl Reconciler {
         let now = self.ledger.now();
         let mut summary = RoundSummary::default();
 
-        // A submit cannot still be in flight after the upstream timeout; a margin covers
-        // clock granularity and the time the ledger write itself takes.
-        let in_flight_s = (snapshot.config.upstream.timeout_ms / 1000) as i64 + 60;
+        let stale_after_s = settings.stale_reservation_after_s(&snapshot.config.upstream) as i64;
         match self
             .ledger
             .store
-            .stale_reservations(now - in_flight_s, ROUND_LIMIT)
+            .stale_reservations(now - stale_after_s, ROUND_LIMIT)
             .await
         {
             Ok(stale) => {

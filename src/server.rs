@@ -88,6 +88,7 @@ impl Gateway {
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.store.path)?);
         let metrics = Arc::new(Metrics::new());
         metrics.set_config_info(&config.source_hash);
+        metrics.init_keys(config.keys.iter().map(|key| key.id.as_str()));
         metrics
             .config_last_reload_success_timestamp_seconds
             .set(chrono::Utc::now().timestamp() as f64);
