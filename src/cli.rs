@@ -42,6 +42,24 @@ enum Command {
     },
     /// Read an API key on stdin and print the hex SHA-256 to paste into [[keys]] key_sha256.
     HashKey,
+    /// Print each key's points in its current period, from the ledger database.
+    Usage {
+        #[arg(long, env = "GATEHOUSE_CONFIG")]
+        config: PathBuf,
+        /// Only this key id.
+        #[arg(long)]
+        key: Option<String>,
+    },
+    /// List a key's ledger entries (reserve, release, charge, refund, adjust).
+    Ledger {
+        #[arg(long, env = "GATEHOUSE_CONFIG")]
+        config: PathBuf,
+        #[arg(long)]
+        key: String,
+        /// Only the entries of this upstream task id.
+        #[arg(long)]
+        task: Option<String>,
+    },
     /// Run the upstream simulator (for demos, tests and benchmarks).
     MockUpstream {
         #[arg(long, default_value = "127.0.0.1:9800")]
@@ -72,6 +90,8 @@ pub fn main() -> ExitCode {
     match cli.command {
         Command::Check { config } => check(&config),
         Command::HashKey => hash_key(),
+        Command::Usage { config, key } => run_async(print_usage(config, key)),
+        Command::Ledger { config, key, task } => run_async(print_ledger(config, key, task)),
         Command::Serve {
             config,
             demo,
@@ -144,6 +164,105 @@ fn check(path: &Path) -> ExitCode {
             ExitCode::from(2)
         }
     }
+}
+
+/// Opens the ledger named by a config file, for the read-only commands. Secrets are not
+/// needed to read the ledger, so `${ENV}` references that are not set do not stop them.
+fn open_ledger(path: &Path) -> Result<(Config, crate::quota::Ledger), ExitCode> {
+    let text = std::fs::read_to_string(path).map_err(|err| {
+        eprintln!("gatehouse: cannot read {}: {err}", path.display());
+        ExitCode::from(2)
+    })?;
+    let lenient_env = |name: &str| std::env::var(name).ok().or_else(|| Some("unset".into()));
+    let config = Config::from_toml(&text, &lenient_env).map_err(|err| {
+        eprintln!("gatehouse: {}: {err}", path.display());
+        ExitCode::from(2)
+    })?;
+    let store = crate::quota::SqliteStore::open(&config.store.path).map_err(|err| {
+        eprintln!(
+            "gatehouse: cannot open the ledger {} (store.path): {err}",
+            config.store.path.display()
+        );
+        ExitCode::FAILURE
+    })?;
+    let ledger = crate::quota::Ledger {
+        store: std::sync::Arc::new(store),
+        clock: std::sync::Arc::new(crate::quota::SystemClock),
+        metrics: std::sync::Arc::new(crate::metrics::Metrics::new()),
+    };
+    Ok((config, ledger))
+}
+
+async fn print_usage(path: PathBuf, key: Option<String>) -> ExitCode {
+    let (config, ledger) = match open_ledger(&path) {
+        Ok(opened) => opened,
+        Err(code) => return code,
+    };
+    let reports = match crate::admin::usage_report(&ledger, &config, key.as_deref()).await {
+        Ok(reports) => reports,
+        Err(err) => {
+            eprintln!("gatehouse: {}", err.message());
+            return ExitCode::FAILURE;
+        }
+    };
+    if reports.is_empty() {
+        eprintln!("gatehouse: no such key in the config or the ledger");
+        return ExitCode::FAILURE;
+    }
+    let show = |points: Option<crate::points::Points>| {
+        points.map_or_else(|| "-".to_string(), |p| p.to_string())
+    };
+    println!(
+        "{:<24} {:<12} {:>12} {:>12} {:>12} {:>12} {:>6}",
+        "KEY", "PERIOD", "QUOTA", "CHARGED", "RESERVED", "REMAINING", "OPEN"
+    );
+    for r in reports {
+        println!(
+            "{:<24} {:<12} {:>12} {:>12} {:>12} {:>12} {:>6}",
+            r.key,
+            r.period,
+            show(r.quota),
+            r.charged,
+            r.reserved,
+            show(r.remaining),
+            r.open_tasks
+        );
+    }
+    ExitCode::SUCCESS
+}
+
+async fn print_ledger(path: PathBuf, key: String, task: Option<String>) -> ExitCode {
+    let (_config, ledger) = match open_ledger(&path) {
+        Ok(opened) => opened,
+        Err(code) => return code,
+    };
+    let entries = match ledger.store.ledger_entries(&key, task.as_deref()).await {
+        Ok(entries) => entries,
+        Err(err) => {
+            eprintln!("gatehouse: {err}");
+            return ExitCode::FAILURE;
+        }
+    };
+    println!(
+        "{:>8} {:<20} {:<12} {:<8} {:>10} {:<38} NOTE",
+        "ID", "AT (UTC)", "PERIOD", "KIND", "POINTS", "TASK"
+    );
+    for e in entries {
+        let at = chrono::DateTime::from_timestamp(e.at, 0)
+            .map(|t| t.format("%Y-%m-%d %H:%M:%S").to_string())
+            .unwrap_or_else(|| e.at.to_string());
+        println!(
+            "{:>8} {:<20} {:<12} {:<8} {:>10} {:<38} {}",
+            e.id,
+            at,
+            e.period.as_str(),
+            e.kind.as_str(),
+            e.points,
+            e.task_id.as_deref().unwrap_or("-"),
+            e.note
+        );
+    }
+    ExitCode::SUCCESS
 }
 
 fn hash_key() -> ExitCode {

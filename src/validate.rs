@@ -14,7 +14,7 @@
 //! 6. forwards the re-serialized JSON body with a matching `Content-Length`.
 
 use crate::body::{self, Body, CollectError};
-use crate::config::{UnknownFields, ValidationConfig};
+use crate::config::{CallbacksConfig, UnknownFields, ValidationConfig};
 use crate::error::GatewayError;
 use crate::route::{Route, RouteKind};
 use crate::snapshot::Snapshot;
@@ -485,6 +485,23 @@ async fn read_limited(incoming: Body, limit: usize) -> Result<Bytes, GatewayErro
         })
 }
 
+/// `[callbacks] allowed_hosts`: the caller's callback URL must point to an allowed host, so
+/// the gateway cannot be used to POST task records to arbitrary places.
+fn check_callback_host(url: &str, callbacks: &CallbacksConfig) -> Result<(), GatewayError> {
+    let host = url::Url::parse(url)
+        .ok()
+        .and_then(|url| url.host_str().map(str::to_string))
+        .unwrap_or_default();
+    if callbacks.host_allowed(&host) {
+        Ok(())
+    } else {
+        Err(GatewayError::BadRequest(format!(
+            "callback_url host {host:?} is not allowed; allowed: {} ([callbacks] allowed_hosts)",
+            callbacks.allowed_hosts.join(", ")
+        )))
+    }
+}
+
 /// Validates and rewrites one generate request (steps 1–6 of the module doc).
 async fn rewrite_generate(request: Request<Body>) -> Result<Request<Body>, GatewayError> {
     let snapshot = request
@@ -509,6 +526,7 @@ async fn rewrite_generate(request: Request<Body>) -> Result<Request<Body>, Gatew
     let (mut parts, incoming) = request.into_parts();
     let bytes = read_limited(incoming, limit).await?;
     let valid = validate_generate(&bytes, &snapshot.config.validation)?;
+    check_callback_host(&valid.caller_callback_url, &snapshot.config.callbacks)?;
 
     let token = new_callback_token();
     let mut forwarded = valid.body;
