@@ -765,13 +765,15 @@ fn validate_keys(raw_keys: Vec<(usize, RawKey)>, problems: &mut Vec<String>) -> 
     for (i, raw) in raw_keys {
         let at = format!("keys[{i}]");
         if raw.id.is_empty()
+            || raw.id.starts_with('_')
             || !raw
                 .id
                 .chars()
                 .all(|c| c.is_ascii_alphanumeric() || matches!(c, '-' | '_' | '.' | '@'))
         {
+            // A leading '_' is reserved for gatehouse's own label values (`_jwt`).
             problems.push(format!(
-                "{at}.id: expected letters, digits, '-', '_', '.' or '@', got {:?}",
+                "{at}.id: expected letters, digits, '-', '_', '.' or '@', not starting with '_', got {:?}",
                 raw.id
             ));
         }

@@ -88,3 +88,100 @@ fn hash_key_prints_the_sha256_of_stdin() {
         "9f86d081884c7d659a2feaa0c55ad015a3bf4f1b2b0b822cd15d6c15b0f00a08"
     );
 }
+
+#[tokio::test]
+async fn usage_and_ledger_read_the_database() {
+    use gatehouse::points::Points;
+    use gatehouse::quota::{NewReservation, PeriodKey, Settlement, SqliteStore, Store, TaskRef};
+    let dir = tempfile::tempdir().unwrap();
+    let db = dir.path().join("ledger.db");
+    let config = write_config(&format!(
+        r#"
+[upstream]
+base_url = "http://127.0.0.1:9"
+token = "${{GATEHOUSE_UPSTREAM_TOKEN}}"
+
+[store]
+path = {db:?}
+
+[[keys]]
+id = "video"
+quota_points = 1000
+quota_period = "none"
+
+[[keys]]
+id = "idle"
+"#,
+        db = db.display().to_string()
+    ));
+    {
+        let store = SqliteStore::open(&db).unwrap();
+        let now = chrono::Utc::now().timestamp();
+        let id = store
+            .reserve(NewReservation {
+                key_id: "video".into(),
+                period: PeriodKey::all(),
+                quota: Some(Points::from_whole(1000)),
+                price: Points::from_whole(320),
+                callback_token: Some("tok".into()),
+                caller_callback_url: None,
+                route: "runway_generate".into(),
+                model: Some("gen3".into()),
+                seconds: Some(10),
+                now,
+            })
+            .await
+            .unwrap();
+        store.attach(id, "task-xyz", now).await.unwrap();
+        store
+            .settle(Settlement {
+                by: TaskRef::TaskId("task-xyz".into()),
+                status: "3".into(),
+                raw_point: "300".into(),
+                raw_refund: "0".into(),
+                now,
+            })
+            .await
+            .unwrap();
+    }
+
+    // The upstream token is not needed to read the ledger.
+    let usage = gatehouse()
+        .args(["usage", "--config"])
+        .arg(config.path())
+        .env_remove("GATEHOUSE_UPSTREAM_TOKEN")
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&usage.stdout);
+    assert!(
+        usage.status.success(),
+        "{}",
+        String::from_utf8_lossy(&usage.stderr)
+    );
+    let video = text.lines().find(|l| l.starts_with("video")).expect(&text);
+    let columns: Vec<&str> = video.split_whitespace().collect();
+    assert_eq!(
+        columns,
+        ["video", "all", "1000", "300", "0", "700", "0"],
+        "{text}"
+    );
+    assert!(
+        text.lines().any(|l| l.starts_with("idle")),
+        "configured keys are listed: {text}"
+    );
+
+    let ledger = gatehouse()
+        .args(["ledger", "--key", "video", "--task", "task-xyz", "--config"])
+        .arg(config.path())
+        .output()
+        .unwrap();
+    let text = String::from_utf8_lossy(&ledger.stdout);
+    assert!(ledger.status.success());
+    let kinds: Vec<&str> = text
+        .lines()
+        .skip(1)
+        .filter_map(|l| l.split_whitespace().nth(4))
+        .collect();
+    assert_eq!(kinds, ["reserve", "release", "charge"], "{text}");
+    assert!(text.contains("300"), "{text}");
+}

@@ -181,7 +181,10 @@ async fn unknown_fields_are_dropped_when_configured() {
 
 #[tokio::test]
 async fn callback_hosts_outside_the_allow_list_are_refused_before_any_reservation() {
-    let h = Harness::start("[callbacks]\nallowed_hosts = [\"hooks.example.com\", \"*.corp.example\"]\n").await;
+    let h = Harness::start(
+        "[callbacks]\nallowed_hosts = [\"hooks.example.com\", \"*.corp.example\"]\n",
+    )
+    .await;
     let body = |url: &str| format!(r#"{{"callback_url":"{url}","prompt":"一只小猫"}}"#);
 
     h.generate(KEY_A, &body("http://evil.example.net/steal"))
@@ -194,11 +197,20 @@ async fn callback_hosts_outside_the_allow_list_are_refused_before_any_reservatio
         .usage("a", gatehouse::quota::PeriodKey::all())
         .await
         .unwrap();
-    assert_eq!(usage, gatehouse::quota::Usage::default(), "nothing reserved");
+    assert_eq!(
+        usage,
+        gatehouse::quota::Usage::default(),
+        "nothing reserved"
+    );
     assert!(h.upstream.received().is_empty());
 
     for allowed in ["https://hooks.example.com/h", "http://a.corp.example/h"] {
         let response = h.generate(KEY_A, &body(allowed)).await;
-        assert_eq!(response.status.as_u16(), 200, "{allowed}: {}", response.text());
+        assert_eq!(
+            response.status.as_u16(),
+            200,
+            "{allowed}: {}",
+            response.text()
+        );
     }
 }

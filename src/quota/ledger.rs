@@ -234,7 +234,7 @@ impl Ledger {
         };
         // Principals without a [[keys]] entry share one label: a per-principal value
         // would overwrite the others', so it is not reported.
-        if key_label != key_id {
+        if key_label != key_id || key_label == crate::auth::UNLISTED_JWT_LABEL {
             return;
         }
         if let Ok(usage) = self.store.usage(key_id, self.current_period(policy)).await {
