@@ -3,6 +3,7 @@
 //!
 //! - `GET /admin/usage`: every key's quota, charged, reserved, remaining, period, open tasks.
 //! - `GET /admin/usage/{key}`: one key.
+//! - `POST /admin/reload`: reload the config file now (same as SIGHUP); answers what happened.
 //!
 //! Keys are listed by id; API keys and their hashes are never shown.
 
@@ -11,6 +12,7 @@ use crate::config::{Config, KeyPolicy};
 use crate::error::{AuthFailure, GatewayError};
 use crate::points::Points;
 use crate::quota::{Ledger, PeriodKey, Usage};
+use crate::reload::Reloader;
 use crate::snapshot::Snapshot;
 use http::{header, HeaderValue, Method, Request, Response};
 use serde::Serialize;
@@ -22,11 +24,12 @@ use subtle::ConstantTimeEq;
 #[derive(Clone)]
 pub struct AdminService {
     ledger: Arc<Ledger>,
+    reloader: Option<Arc<Reloader>>,
 }
 
 impl AdminService {
-    pub fn new(ledger: Arc<Ledger>) -> AdminService {
-        AdminService { ledger }
+    pub fn new(ledger: Arc<Ledger>, reloader: Option<Arc<Reloader>>) -> AdminService {
+        AdminService { ledger, reloader }
     }
 }
 
@@ -55,6 +58,7 @@ impl tower::Service<Request<Body>> for AdminService {
 
     fn call(&mut self, request: Request<Body>) -> ResponseFuture {
         let ledger = self.ledger.clone();
+        let reloader = self.reloader.clone();
         Box::pin(async move {
             let snapshot = request
                 .extensions()
@@ -74,6 +78,21 @@ impl tower::Service<Request<Body>> for AdminService {
                         Some(report) => json(&report),
                         None => Err(GatewayError::NotFound(format!("no key {key:?}"))),
                     }
+                }
+                (&Method::POST, "/admin/reload") => {
+                    let Some(reloader) = reloader else {
+                        return Err(GatewayError::NotFound(
+                            "reload needs a config file (serve --config FILE)".into(),
+                        ));
+                    };
+                    let outcome = tokio::task::spawn_blocking(move || reloader.reload("admin API"))
+                        .await
+                        .map_err(|err| GatewayError::Internal(format!("reload failed: {err}")))?;
+                    let mut response = json(&outcome)?;
+                    if !outcome.applied {
+                        *response.status_mut() = http::StatusCode::UNPROCESSABLE_ENTITY;
+                    }
+                    Ok(response)
                 }
                 (method, path) => Err(GatewayError::NotFound(format!(
                     "no admin endpoint {method} {path}; see GET /admin/usage"

@@ -358,13 +358,21 @@ async fn serve(path: Option<PathBuf>, demo: bool, log_format: Option<LogFormatAr
         },
         None => None,
     };
-    let gateway = match Gateway::new(config) {
+    let mut gateway = match Gateway::new(config) {
         Ok(gateway) => gateway,
         Err(err) => {
             eprintln!("gatehouse: {err}");
             return ExitCode::from(2);
         }
     };
+    // The demo's config is the file plus in-memory changes: reloading the file would drop them.
+    match (&path, demo) {
+        (Some(path), false) => gateway.enable_reload(path.clone(), Box::new(ProcessEnv)),
+        _ => {
+            tracing::info!("config reload is off (it needs --config FILE and no --demo)");
+            ignore_sighup();
+        }
+    }
     // With port 0 in the config the real port is only known now; scripts and tests read
     // this line to find the gateway.
     let bound = listener.local_addr().unwrap_or(listen);
@@ -381,6 +389,18 @@ async fn serve(path: Option<PathBuf>, demo: bool, log_format: Option<LogFormatAr
         .serve(listener, metrics_listener, shutdown_signal())
         .await;
     ExitCode::SUCCESS
+}
+
+/// Without a reloader, SIGHUP (e.g. `systemctl reload`) must not kill the process.
+fn ignore_sighup() {
+    #[cfg(unix)]
+    if let Ok(mut hangup) = tokio::signal::unix::signal(tokio::signal::unix::SignalKind::hangup()) {
+        tokio::spawn(async move {
+            while hangup.recv().await.is_some() {
+                tracing::warn!("SIGHUP ignored: config reload is off");
+            }
+        });
+    }
 }
 
 /// Resolves on Ctrl-C or SIGTERM.

@@ -20,6 +20,7 @@ pub mod points;
 pub mod quota;
 pub mod ratelimit;
 pub mod reconciler;
+pub mod reload;
 pub mod route;
 pub mod server;
 pub mod snapshot;

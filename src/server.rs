@@ -13,7 +13,7 @@ use crate::admin::AdminService;
 use crate::auth::AuthLayer;
 use crate::body::{self, Body};
 use crate::callbacks::{CallbackService, DeliveryWorker};
-use crate::config::{Config, ConfigError};
+use crate::config::{Config, ConfigError, EnvLookup};
 use crate::error::GatewayError;
 use crate::limits::LimitsLayer;
 use crate::metrics::Metrics;
@@ -23,6 +23,7 @@ use crate::quota::layer::QuotaLayer;
 use crate::quota::{Clock, Ledger, SqliteStore, Store, SystemClock};
 use crate::ratelimit::{RateLimitLayer, RateLimiters};
 use crate::reconciler::Reconciler;
+use crate::reload::Reloader;
 use crate::route::{Route, RouteKind, RouteLayer};
 use crate::snapshot::{LiveSnapshot, Snapshot};
 use crate::upstream::UpstreamService;
@@ -34,6 +35,7 @@ use hyper_util::server::graceful::GracefulShutdown;
 use std::convert::Infallible;
 use std::future::Future;
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
@@ -56,6 +58,8 @@ pub struct Gateway {
     pub ledger: Arc<Ledger>,
     /// Wakes the outbox worker when a callback was queued.
     outbox_wakeup: Arc<tokio::sync::Notify>,
+    /// Present when the config came from a file that can be reloaded.
+    pub reloader: Option<Arc<Reloader>>,
 }
 
 /// Why a gateway could not start.
@@ -106,7 +110,19 @@ impl Gateway {
             readiness: Arc::new(Readiness::default()),
             ledger,
             outbox_wakeup: Arc::new(tokio::sync::Notify::new()),
+            reloader: None,
         })
+    }
+
+    /// Reload from `path` on file change, SIGHUP and `POST /admin/reload`.
+    pub fn enable_reload(&mut self, path: PathBuf, env: Box<dyn EnvLookup + Send + Sync>) {
+        self.reloader = Some(Arc::new(Reloader::new(
+            path,
+            env,
+            self.live.clone(),
+            self.limiters.clone(),
+            self.metrics.clone(),
+        )));
     }
 
     pub fn reconciler(&self) -> Reconciler {
@@ -144,7 +160,10 @@ impl Gateway {
             self.ledger.clone(),
             self.outbox_wakeup.clone(),
         ));
-        let admin: InnerService = BoxCloneService::new(AdminService::new(self.ledger.clone()));
+        let admin: InnerService = BoxCloneService::new(AdminService::new(
+            self.ledger.clone(),
+            self.reloader.clone(),
+        ));
         let dispatch = Dispatch {
             proxied,
             ops,
@@ -160,13 +179,28 @@ impl Gateway {
         )
     }
 
-    /// The background tasks: outbox delivery, reconciliation, housekeeping.
+    /// The background tasks: outbox delivery, reconciliation, housekeeping, and the config
+    /// watcher and SIGHUP handler when reloading is enabled.
     pub fn spawn_background(&self) -> Vec<tokio::task::JoinHandle<()>> {
-        vec![
+        let mut tasks = vec![
             tokio::spawn(self.delivery_worker().run()),
             tokio::spawn(self.reconciler().run()),
             self.spawn_housekeeping(),
-        ]
+        ];
+        if let Some(reloader) = &self.reloader {
+            match reloader.spawn_watcher() {
+                Ok(task) => tasks.push(task),
+                Err(err) => {
+                    tracing::warn!(error = %err, file = %reloader.path().display(), "cannot watch the config file; reload with SIGHUP or POST /admin/reload")
+                }
+            }
+            #[cfg(unix)]
+            match reloader.spawn_sighup() {
+                Ok(task) => tasks.push(task),
+                Err(err) => tracing::warn!(error = %err, "cannot handle SIGHUP"),
+            }
+        }
+        tasks
     }
 
     /// Periodic housekeeping: drops idle rate-limiter keys so memory stays bounded.
