@@ -60,11 +60,7 @@ impl tower::Service<Request<Body>> for AdminService {
         let ledger = self.ledger.clone();
         let reloader = self.reloader.clone();
         Box::pin(async move {
-            let snapshot = request
-                .extensions()
-                .get::<Arc<Snapshot>>()
-                .cloned()
-                .ok_or_else(|| GatewayError::Internal("admin without a snapshot".into()))?;
+            let snapshot = Snapshot::of(&request)?;
             authorize(&snapshot.config, request.headers())?;
             let path = request.uri().path().trim_end_matches('/');
             match (request.method(), path) {

@@ -67,6 +67,17 @@ pub enum CollectError {
     Read(String),
 }
 
+/// Reads a request body a layer must see whole: 413 past `limit`, 400 when it breaks off.
+pub async fn read_request(body: Body, limit: usize) -> Result<Bytes, crate::error::GatewayError> {
+    use crate::error::GatewayError;
+    collect_limited(body, limit).await.map_err(|err| match err {
+        CollectError::TooLarge => GatewayError::PayloadTooLarge { limit },
+        CollectError::Read(err) => {
+            GatewayError::BadRequest(format!("could not read the request body: {err}"))
+        }
+    })
+}
+
 /// The future every layer of the stack returns. Boxed and `Send` so layers compose freely
 /// (and so the compiler need not prove `Send` through generic associated types).
 pub type ResponseFuture = std::pin::Pin<

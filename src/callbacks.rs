@@ -8,7 +8,7 @@
 //!   `X-Gatehouse-Signature: sha256=<hex HMAC-SHA256(body, key's callback_secret)>`, retries
 //!   with exponential back-off, and marks a delivery dead after `callbacks.max_attempts`.
 
-use crate::body::{self, Body, CollectError, ResponseFuture};
+use crate::body::{self, Body, ResponseFuture};
 use crate::error::GatewayError;
 use crate::quota::layer::key_label_and_policy;
 use crate::quota::{Delivery, Ledger, NewDelivery, TaskRef, TaskReport};
@@ -94,20 +94,12 @@ async fn receive(ledger: &Ledger, request: Request<Body>) -> Result<Response<Bod
             ))
         }
     };
-    let snapshot = request
-        .extensions()
-        .get::<Arc<Snapshot>>()
-        .cloned()
-        .ok_or_else(|| GatewayError::Internal("callback without a snapshot".into()))?;
-    let limit = snapshot.config.callbacks.max_body_bytes;
-    let bytes = body::collect_limited(request.into_body(), limit)
-        .await
-        .map_err(|err| match err {
-            CollectError::TooLarge => GatewayError::PayloadTooLarge { limit },
-            CollectError::Read(err) => {
-                GatewayError::BadRequest(format!("could not read the callback body: {err}"))
-            }
-        })?;
+    let snapshot = Snapshot::of(&request)?;
+    let bytes = body::read_request(
+        request.into_body(),
+        snapshot.config.callbacks.max_body_bytes,
+    )
+    .await?;
 
     // Unknown tokens answer 404 before the body is even parsed: nothing to learn by probing.
     let Some(task) = ledger.store.task_by_token(&token).await? else {

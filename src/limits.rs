@@ -10,7 +10,6 @@ use crate::snapshot::Snapshot;
 use http::{header, Request, Response};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
@@ -43,11 +42,10 @@ where
     }
 
     fn call(&mut self, request: Request<Body>) -> Self::Future {
-        let snapshot = request
-            .extensions()
-            .get::<Arc<Snapshot>>()
-            .cloned()
-            .expect("observe layer inserts the snapshot");
+        let snapshot = match Snapshot::of(&request) {
+            Ok(snapshot) => snapshot,
+            Err(err) => return Box::pin(async move { Err(err) }),
+        };
         let limit = snapshot.config.server.max_body_bytes;
         let timeout_ms = snapshot.config.server.request_timeout_ms;
 

@@ -137,11 +137,10 @@ where
     }
 
     fn call(&mut self, mut request: Request<Body>) -> Self::Future {
-        let snapshot = request
-            .extensions()
-            .get::<Arc<Snapshot>>()
-            .cloned()
-            .expect("observe layer inserts the snapshot");
+        let snapshot = match Snapshot::of(&request) {
+            Ok(snapshot) => snapshot,
+            Err(err) => return Box::pin(async move { Err(err) }),
+        };
         let route = snapshot
             .routes
             .resolve(request.method(), request.uri().path());

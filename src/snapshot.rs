@@ -4,8 +4,10 @@
 
 use crate::auth::Authenticator;
 use crate::config::{Config, ConfigError};
+use crate::error::GatewayError;
 use crate::route::RouteTable;
 use crate::upstream::UpstreamClient;
+use std::sync::Arc;
 
 pub struct Snapshot {
     pub config: Config,
@@ -27,6 +29,21 @@ impl Snapshot {
             routes,
             upstream,
         })
+    }
+}
+
+impl Snapshot {
+    /// The snapshot the observe layer put into this request's extensions.
+    pub fn of<B>(request: &http::Request<B>) -> Result<Arc<Snapshot>, GatewayError> {
+        request
+            .extensions()
+            .get::<Arc<Snapshot>>()
+            .cloned()
+            .ok_or_else(|| {
+                GatewayError::Internal(
+                    "no config snapshot in the request (the observe layer must run first)".into(),
+                )
+            })
     }
 }
 

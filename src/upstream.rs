@@ -190,11 +190,7 @@ impl tower::Service<Request<Body>> for UpstreamService {
     fn call(&mut self, request: Request<Body>) -> Self::Future {
         let metrics = self.metrics.clone();
         Box::pin(async move {
-            let snapshot = request
-                .extensions()
-                .get::<Arc<Snapshot>>()
-                .cloned()
-                .expect("observe layer inserts the snapshot");
+            let snapshot = Snapshot::of(&request)?;
             let context = request.extensions().get::<Arc<RequestContext>>().cloned();
             let route_name = request
                 .extensions()

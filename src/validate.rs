@@ -13,17 +13,15 @@
 //!    request's extensions, for the quota layer to persist before forwarding;
 //! 6. forwards the re-serialized JSON body with a matching `Content-Length`.
 
-use crate::body::{self, Body, CollectError};
+use crate::body::{self, Body};
 use crate::config::{CallbacksConfig, UnknownFields, ValidationConfig};
 use crate::error::GatewayError;
 use crate::route::{Route, RouteKind};
 use crate::snapshot::Snapshot;
-use bytes::Bytes;
 use http::{header, HeaderMap, HeaderValue, Request, Response};
 use serde_json::{Map, Value};
 use std::future::Future;
 use std::pin::Pin;
-use std::sync::Arc;
 use std::task::{Context, Poll};
 
 /// Top-level fields of a generate body, in the order they are checked.
@@ -473,18 +471,6 @@ fn check_content_type(headers: &HeaderMap) -> Result<(), GatewayError> {
     }
 }
 
-/// Reads the whole body (413 past `limit`).
-async fn read_limited(incoming: Body, limit: usize) -> Result<Bytes, GatewayError> {
-    body::collect_limited(incoming, limit)
-        .await
-        .map_err(|err| match err {
-            CollectError::TooLarge => GatewayError::PayloadTooLarge { limit },
-            CollectError::Read(err) => {
-                GatewayError::BadRequest(format!("could not read the request body: {err}"))
-            }
-        })
-}
-
 /// `[callbacks] allowed_hosts`: the caller's callback URL must point to an allowed host, so
 /// the gateway cannot be used to POST task records to arbitrary places.
 fn check_callback_host(url: &str, callbacks: &CallbacksConfig) -> Result<(), GatewayError> {
@@ -504,13 +490,7 @@ fn check_callback_host(url: &str, callbacks: &CallbacksConfig) -> Result<(), Gat
 
 /// Validates and rewrites one generate request (steps 1–6 of the module doc).
 async fn rewrite_generate(request: Request<Body>) -> Result<Request<Body>, GatewayError> {
-    let snapshot = request
-        .extensions()
-        .get::<Arc<Snapshot>>()
-        .cloned()
-        .ok_or_else(|| {
-            GatewayError::Internal("validate layer: no config snapshot in extensions".into())
-        })?;
+    let snapshot = Snapshot::of(&request)?;
     check_content_type(request.headers())?;
     let limit = snapshot.config.server.max_body_bytes;
     // A declared length over the limit is refused before reading a byte of it.
@@ -524,7 +504,7 @@ async fn rewrite_generate(request: Request<Body>) -> Result<Request<Body>, Gatew
     }
 
     let (mut parts, incoming) = request.into_parts();
-    let bytes = read_limited(incoming, limit).await?;
+    let bytes = body::read_request(incoming, limit).await?;
     let valid = validate_generate(&bytes, &snapshot.config.validation)?;
     check_callback_host(&valid.caller_callback_url, &snapshot.config.callbacks)?;
 
@@ -622,6 +602,7 @@ mod tests {
     use http::{Method, StatusCode};
     use http_body_util::BodyExt;
     use serde_json::json;
+    use std::sync::Arc;
     use std::sync::Mutex;
     use tower::{Layer, Service, ServiceExt};
 

@@ -181,13 +181,9 @@ where
         if route.is_some_and(|route| !route.kind.is_proxied()) {
             return Box::pin(self.inner.call(request));
         }
-        let Some(snapshot) = request.extensions().get::<Arc<Snapshot>>().cloned() else {
-            return Box::pin(async {
-                Err(GatewayError::Internal(
-                    "auth: no config snapshot in the request extensions (the observe layer must run first)"
-                        .to_string(),
-                ))
-            });
+        let snapshot = match Snapshot::of(&request) {
+            Ok(snapshot) => snapshot,
+            Err(err) => return Box::pin(async move { Err(err) }),
         };
         let context = request.extensions().get::<Arc<RequestContext>>().cloned();
         match snapshot.authenticator.authenticate(request.headers()) {

@@ -97,11 +97,7 @@ fn caller(request: &Request<Body>) -> Result<Caller, GatewayError> {
         .get::<Principal>()
         .cloned()
         .ok_or_else(|| GatewayError::Internal("quota layer reached without a principal".into()))?;
-    let snapshot = request
-        .extensions()
-        .get::<Arc<Snapshot>>()
-        .cloned()
-        .ok_or_else(|| GatewayError::Internal("quota layer reached without a snapshot".into()))?;
+    let snapshot = Snapshot::of(request)?;
     let context = request.extensions().get::<Arc<RequestContext>>().cloned();
     Ok(Caller {
         principal,
@@ -288,14 +284,7 @@ where
     } = caller(&request)?;
     let limit = snapshot.config.server.max_body_bytes;
     let (mut parts, incoming) = request.into_parts();
-    let bytes = body::collect_limited(incoming, limit)
-        .await
-        .map_err(|err| match err {
-            CollectError::TooLarge => GatewayError::PayloadTooLarge { limit },
-            CollectError::Read(err) => {
-                GatewayError::BadRequest(format!("could not read the request body: {err}"))
-            }
-        })?;
+    let bytes = body::read_request(incoming, limit).await?;
     let task_id = feed_task_id(&bytes)?;
 
     // Another key's task answers exactly like a task that does not exist, so task ids
