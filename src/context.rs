@@ -20,7 +20,7 @@ pub struct RequestContext {
 #[derive(Debug, Clone, Default)]
 pub struct RequestFacts {
     /// The route's name (a bounded label), e.g. `runway_generate`; `unknown` until routed.
-    pub route: Option<&'static str>,
+    pub route: Option<Arc<str>>,
     /// The principal's key id (logs) and its metrics label (bounded).
     pub key_id: Option<String>,
     pub key_label: Option<String>,
@@ -41,7 +41,7 @@ impl RequestContext {
         self.lock().clone()
     }
 
-    pub fn set_route(&self, route: &'static str) {
+    pub fn set_route(&self, route: Arc<str>) {
         self.lock().route = Some(route);
     }
 

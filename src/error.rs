@@ -113,6 +113,8 @@ pub enum RateLimitScope {
     Key,
     /// The global limit that protects the shared upstream token (`upstream.rate_per_second`).
     Global,
+    /// One route's limit over all callers (`[[routes]] rate_per_second`).
+    Route,
 }
 
 impl RateLimitScope {
@@ -120,6 +122,7 @@ impl RateLimitScope {
         match self {
             RateLimitScope::Key => "key",
             RateLimitScope::Global => "global",
+            RateLimitScope::Route => "route",
         }
     }
 }
@@ -129,6 +132,7 @@ impl std::fmt::Display for RateLimitScope {
         f.write_str(match self {
             RateLimitScope::Key => "per-key limit",
             RateLimitScope::Global => "global upstream limit",
+            RateLimitScope::Route => "route limit",
         })
     }
 }

@@ -91,7 +91,7 @@ where
             async move {
                 let result = call.await;
                 let facts = context.facts();
-                let route = facts.route.unwrap_or("unknown");
+                let route = facts.route.as_deref().unwrap_or("unknown");
                 let key = facts.key_label.as_deref().unwrap_or("");
                 let (mut response, error) = match result {
                     Ok(response) => (response, None),

@@ -80,6 +80,8 @@ struct LimiterSet<C: Clock> {
     keys: HashMap<String, Arc<Limited<DirectLimiter<C>>>>,
     unlisted: Arc<Limited<KeyedLimiter<C>>>,
     global: Arc<Limited<DirectLimiter<C>>>,
+    /// `[[routes]]` entries with their own `rate_per_second`/`burst`, by route name.
+    routes: HashMap<String, Arc<Limited<DirectLimiter<C>>>>,
 }
 
 /// Long-lived limiter state shared by all requests; survives config reloads.
@@ -133,6 +135,16 @@ where
     /// shared global budget. The converse (a cell taken from the key when the global limit
     /// then refuses) is accepted: governor cannot give a cell back.
     pub fn check(&self, principal: &Principal) -> Result<(), GatewayError> {
+        self.check_route(principal, None)
+    }
+
+    /// As `check`, with the route's own limit (if it has one) between the key's and the
+    /// global one.
+    pub fn check_route(
+        &self,
+        principal: &Principal,
+        route: Option<&str>,
+    ) -> Result<(), GatewayError> {
         let set = self.set.load();
         let configured = if principal.metrics_label == principal.key_id {
             set.keys.get(&principal.key_id)
@@ -147,6 +159,12 @@ where
             None => set.unlisted.limiter.check_key(&principal.key_id),
         };
         own.map_err(|not_until| self.rejected(RateLimitScope::Key, &not_until))?;
+        if let Some(route) = route.and_then(|name| set.routes.get(name)) {
+            route
+                .limiter
+                .check()
+                .map_err(|not_until| self.rejected(RateLimitScope::Route, &not_until))?;
+        }
         set.global
             .limiter
             .check()
@@ -227,10 +245,21 @@ fn build_set<C: Clock + Clone>(
         }),
     };
 
+    let routes = config
+        .routes
+        .iter()
+        .filter_map(|route| {
+            let setting = LimitSetting::new(route.rate_per_second?, route.burst?);
+            let previous = old.and_then(|old| old.routes.get(&route.name));
+            Some((route.name.clone(), direct(setting, previous)))
+        })
+        .collect();
+
     LimiterSet {
         keys,
         unlisted,
         global,
+        routes,
     }
 }
 
@@ -295,7 +324,11 @@ where
     fn call(&mut self, request: Request<Body>) -> Self::Future {
         // Only proxied routes have a principal; everything else is not ours to limit.
         if let Some(principal) = request.extensions().get::<Principal>() {
-            if let Err(err) = self.limiters.check(principal) {
+            let route = request.extensions().get::<crate::route::Route>();
+            if let Err(err) = self
+                .limiters
+                .check_route(principal, route.map(|route| &*route.name))
+            {
                 return Box::pin(async move { Err(err) });
             }
         }

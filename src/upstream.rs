@@ -195,8 +195,7 @@ impl tower::Service<Request<Body>> for UpstreamService {
             let route_name = request
                 .extensions()
                 .get::<Route>()
-                .map(|r| r.name)
-                .unwrap_or("unknown");
+                .map_or_else(|| Arc::from("unknown"), |r| r.name.clone());
             let started = Instant::now();
             let result = snapshot
                 .upstream

@@ -874,9 +874,7 @@ mod tests {
         let mut request = builder.body(body::full(body_bytes)).unwrap();
         request.extensions_mut().insert(snapshot);
         if let Some(kind) = route {
-            request
-                .extensions_mut()
-                .insert(Route { name: "test", kind });
+            request.extensions_mut().insert(Route::new("test", kind));
         }
         request
     }

@@ -175,7 +175,8 @@ where
 
     fn call(&mut self, mut request: Request<Body>) -> Self::Future {
         let route = request.extensions().get::<Route>();
-        let route_name = route.map(|route| route.name).unwrap_or("unknown");
+        let route_name =
+            route.map_or_else(|| "unknown".to_string(), |route| route.name.to_string());
         // A request without a `Route` is authenticated too: if the stack were ever assembled
         // without the route layer, failing closed is the safe mistake.
         if route.is_some_and(|route| !route.kind.is_proxied()) {
@@ -379,7 +380,7 @@ mod tests {
         }
         let snapshot = Arc::new(Snapshot::build(config("")).unwrap());
         request.extensions_mut().insert(snapshot);
-        request.extensions_mut().insert(Route { name, kind: route });
+        request.extensions_mut().insert(Route::new(name, route));
         request
             .extensions_mut()
             .insert(RequestContext::new("req-1".to_string()));

@@ -142,8 +142,8 @@ where
     let route = request
         .extensions()
         .get::<Route>()
-        .map(|r| r.name)
-        .unwrap_or("runway_generate");
+        .map(|r| r.name.to_string())
+        .unwrap_or_else(|| "runway_generate".to_string());
     let reservation = ledger
         .reserve(
             &principal.metrics_label,

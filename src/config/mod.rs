@@ -8,6 +8,12 @@
 //! Secrets are `Secret` values: they print as `***` in `Debug`, and come from
 //! `${ENV_VAR}` or a `*_file` path in real deployments.
 
+mod routes;
+
+pub use routes::{
+    RouteConfig, RouteKindConfig, TaskRole, TaskRouteConfig, TokenPricing, TokenRates,
+};
+
 use crate::points::Points;
 use serde::de::DeserializeOwned;
 use serde::Deserialize;
@@ -16,7 +22,7 @@ use std::net::SocketAddr;
 use std::path::{Path, PathBuf};
 
 /// The example configuration shipped with the repository, used when no file is given.
-pub const EMBEDDED_CONFIG: &str = include_str!("../config.toml");
+pub const EMBEDDED_CONFIG: &str = include_str!("../../config.toml");
 
 /// A value that must not be printed: tokens, secrets.
 #[derive(Clone, PartialEq, Eq, Deserialize)]
@@ -53,6 +59,8 @@ pub struct Config {
     pub prices: PriceTable,
     pub reconciler: ReconcilerConfig,
     pub callbacks: CallbacksConfig,
+    /// The route table, first match wins; the Runway routes alone when the file has none.
+    pub routes: Vec<RouteConfig>,
     /// Short hash of the file's contents (before `${ENV}` expansion, so it reveals no
     /// secret): shows in metrics which version of the file is live.
     pub source_hash: String,
@@ -199,6 +207,8 @@ pub struct KeyPolicy {
     /// Points allowed per period; absent means unlimited.
     pub quota_points: Option<Points>,
     pub quota_period: QuotaPeriod,
+    /// Models this key may use on routes that name a model (absent: any model).
+    pub allowed_models: Option<Vec<String>>,
     /// Signs callbacks delivered to this key's `callback_url`.
     pub callback_secret: Option<Secret>,
     pub callback_secret_file: Option<PathBuf>,
@@ -211,6 +221,7 @@ impl Default for KeyPolicy {
             burst: 10,
             quota_points: None,
             quota_period: QuotaPeriod::None,
+            allowed_models: None,
             callback_secret: None,
             callback_secret_file: None,
         }
@@ -533,6 +544,7 @@ const SECTIONS: &[&str] = &[
     "prices",
     "reconciler",
     "callbacks",
+    "routes",
 ];
 
 impl Config {
@@ -583,6 +595,7 @@ impl Config {
         let reconciler: ReconcilerConfig = section(tree, "reconciler", &mut problems);
         let callbacks: CallbacksConfig = section(tree, "callbacks", &mut problems);
         let prices = PriceTable::from_tree(tree.get("prices"), &mut problems);
+        let routes = routes::from_tree(tree.get("routes"), &mut problems);
         let default_policy = tree.get("defaults").and_then(toml::Value::as_table);
         let raw_keys: Vec<(usize, RawKey)> = match tree.get("keys") {
             None => Vec::new(),
@@ -613,6 +626,7 @@ impl Config {
             prices,
             reconciler,
             callbacks,
+            routes,
             source_hash,
         };
         config.keys = validate_keys(raw_keys, &mut problems);
