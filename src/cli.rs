@@ -457,7 +457,7 @@ impl DemoSetup {
     /// The given config with the upstream pointed at the simulator and a `demo` key added.
     fn configure(&self, text: &str) -> Result<Config, ConfigError> {
         let mut tree: toml::Table = text.parse().map_err(|err: toml::de::Error| ConfigError {
-            problems: vec![format!("not valid TOML: {err}")],
+            problems: vec![crate::config::syntax_problem(text, &err)],
         })?;
         let upstream = tree
             .entry("upstream")

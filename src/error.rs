@@ -66,6 +66,22 @@ pub enum AuthFailure {
 }
 
 impl AuthFailure {
+    /// Every label, for creating the metric series up front.
+    pub const LABELS: &'static [&'static str] = &[
+        "missing_credential",
+        "malformed_header",
+        "unknown_key",
+        "malformed_token",
+        "bad_signature",
+        "algorithm_not_allowed",
+        "expired",
+        "not_yet_valid",
+        "wrong_issuer",
+        "wrong_audience",
+        "missing_claim",
+        "unknown_kid",
+    ];
+
     pub fn label(self) -> &'static str {
         match self {
             AuthFailure::MissingCredential => "missing_credential",

@@ -233,6 +233,7 @@ impl Metrics {
                 &unknown_task_status_total,
                 &["callback", "feed", "reconciler"][..],
             ),
+            (&auth_failures_total, crate::error::AuthFailure::LABELS),
         ] {
             for value in values {
                 metric.with_label_values(&[value]);

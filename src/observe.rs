@@ -81,7 +81,7 @@ where
         request.extensions_mut().insert(context.clone());
 
         let method = request.method().clone();
-        let path = request.uri().path().to_string();
+        let path = loggable_path(request.uri().path());
         let span = tracing::info_span!("request", request_id = %request_id, %method, %path);
         let metrics = self.metrics.clone();
         metrics.requests_in_flight.inc();
@@ -146,6 +146,15 @@ fn record_error(metrics: &Metrics, err: &GatewayError, key: &str) {
             .inc(),
         // Upstream failures are counted by kind where they happen (upstream.rs).
         _ => {}
+    }
+}
+
+/// The path as it may appear in logs: the token in a callback URL is that route's
+/// credential, so it is never written down.
+fn loggable_path(path: &str) -> String {
+    match path.strip_prefix("/callbacks/runway/") {
+        Some(_) => "/callbacks/runway/{token}".to_string(),
+        None => path.to_string(),
     }
 }
 

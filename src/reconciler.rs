@@ -105,7 +105,7 @@ impl Reconciler {
             .iter()
             .filter(|task| task.created_at <= stuck_before)
         {
-            tracing::warn!(key = %task.key_id, task_id = ?task.task_id, created_at = task.created_at, "task pending past reconciler.max_pending_s; its points stay reserved");
+            tracing::warn!(key = %task.key_id, task_id = task.task_id.as_deref().unwrap_or("-"), created_at = task.created_at, "task pending past reconciler.max_pending_s; its points stay reserved");
         }
 
         let semaphore = Arc::new(tokio::sync::Semaphore::new(settings.concurrency.max(1)));

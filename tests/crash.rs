@@ -685,7 +685,7 @@ async fn sigkill_mid_stream_then_restart_charges_every_upstream_task_exactly_onc
 /// Needs `[reconciler] stale_reservation_after_s` (proposed; not implemented yet: today the
 /// config rejects the unknown setting). Remove the `ignore` once it exists.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
-#[ignore = "needs [reconciler] stale_reservation_after_s"]
+
 async fn sigkill_mid_stream_then_restart_releases_every_stale_reservation() {
     crash_scenario(true).await;
 }

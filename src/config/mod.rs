@@ -559,7 +559,7 @@ impl Config {
     /// Parses and validates config text; `env` resolves `${NAME}` references.
     pub fn from_toml(text: &str, env: &dyn EnvLookup) -> Result<Config, ConfigError> {
         let mut tree: toml::Table = text.parse().map_err(|err: toml::de::Error| ConfigError {
-            problems: vec![format!("not valid TOML: {}", err.to_string().trim_end())],
+            problems: vec![syntax_problem(text, &err)],
         })?;
         Config::from_table(&mut tree, env)
     }
@@ -950,6 +950,21 @@ fn section<T: DeserializeOwned + Default>(
     }
 }
 
+/// A TOML syntax error as "line L, column C: message". toml's own text quotes the source
+/// line, which may hold an inline secret; this goes to logs and the admin API, so it must not.
+pub fn syntax_problem(text: &str, err: &toml::de::Error) -> String {
+    let message = err.message().trim_end();
+    match err.span() {
+        Some(span) => {
+            let before = &text[..span.start.min(text.len())];
+            let line = before.matches('\n').count() + 1;
+            let column = before.rsplit('\n').next().map_or(0, |l| l.chars().count()) + 1;
+            format!("not valid TOML at line {line}, column {column}: {message}")
+        }
+        None => format!("not valid TOML: {message}"),
+    }
+}
+
 /// Deserializes one part of the tree, reporting failures with their full setting path.
 fn deserialize_at<T: DeserializeOwned>(
     value: &toml::Value,
@@ -1158,6 +1173,18 @@ mod tests {
         assert!(!callbacks.host_allowed("evil-hooks.example.com"));
         assert!(!callbacks.host_allowed("hooks.example.com.evil"));
         assert!(CallbacksConfig::default().host_allowed("anything"));
+    }
+
+    #[test]
+    fn syntax_errors_give_the_place_without_quoting_the_line() {
+        let text = "[upstream]\nbase_url = \"http://x\"\ntoken = \"s3cr3t-inline\" oops\n";
+        let err = Config::from_toml(text, &env).unwrap_err();
+        let problem = &err.problems[0];
+        assert!(
+            problem.starts_with("not valid TOML at line 3, column"),
+            "{problem}"
+        );
+        assert!(!problem.contains("s3cr3t"), "{problem}");
     }
 
     #[test]

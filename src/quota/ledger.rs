@@ -214,9 +214,9 @@ impl Ledger {
                         .settlement_anomalies_total
                         .with_label_values(&[anomaly.label()])
                         .inc();
-                    tracing::warn!(key = %key_id, task_id = ?report.task_id, point = %report.point, refund = %report.refund, anomaly = anomaly.label(), "settled with the reserved estimate");
+                    tracing::warn!(key = %key_id, task_id = report.task_id.as_deref().unwrap_or("-"), point = %report.point, refund = %report.refund, anomaly = anomaly.label(), "settled with the reserved estimate");
                 }
-                tracing::info!(key = %key_id, task_id = ?report.task_id, status = %report.status, charged = %charged, source, "task settled");
+                tracing::info!(key = %key_id, task_id = report.task_id.as_deref().unwrap_or("-"), status = %report.status, charged = %charged, source, "task settled");
                 if let Some(policy) = policy {
                     self.refresh_remaining(&key_id, &key_label, &policy).await;
                 }
