@@ -710,9 +710,15 @@ impl Config {
             problems
                 .push("reconciler.interval_s / concurrency: must be greater than 0".to_string());
         }
-        if r.stale_reservation_after_s == Some(0) {
-            problems
-                .push("reconciler.stale_reservation_after_s: must be greater than 0".to_string());
+        if let Some(stale) = r.stale_reservation_after_s {
+            // Releasing a reservation whose submit may still be in flight would leave a task
+            // the reconciler never polls (attach keeps a released row released).
+            let in_flight_s = self.upstream.timeout_ms.div_ceil(1000);
+            if stale <= in_flight_s {
+                problems.push(format!(
+                    "reconciler.stale_reservation_after_s: must be longer than upstream.timeout_ms ({in_flight_s} s), got {stale}"
+                ));
+            }
         }
         if r.max_pending_s <= r.reconcile_after_s {
             problems.push(
