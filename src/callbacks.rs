@@ -12,6 +12,7 @@ use crate::body::{self, Body, ResponseFuture};
 use crate::error::GatewayError;
 use crate::quota::layer::key_label_and_policy;
 use crate::quota::{Delivery, Ledger, NewDelivery, TaskRef, TaskReport};
+use crate::reconciler::{feed_upstream, FeedAnswer};
 use crate::route::{Route, RouteKind};
 use crate::snapshot::{LiveSnapshot, Snapshot};
 use bytes::Bytes;
@@ -65,8 +66,9 @@ impl tower::Service<Request<Body>> for CallbackService {
         Box::pin(async move {
             let result = receive(&ledger, request).await;
             let label = match &result {
-                Ok(_) => "accepted",
+                Ok(label) => label,
                 Err(GatewayError::NotFound(_)) => "unknown_token",
+                Err(GatewayError::Conflict(_)) => "mismatch",
                 Err(GatewayError::BadRequest(_) | GatewayError::PayloadTooLarge { .. }) => {
                     "malformed"
                 }
@@ -80,12 +82,22 @@ impl tower::Service<Request<Body>> for CallbackService {
             if result.is_ok() {
                 wakeup.notify_one();
             }
-            result
+            result.map(|_| {
+                let mut response = Response::new(body::full(
+                    r#"{"code":200,"msg":"ok","data":null}"#.as_bytes(),
+                ));
+                response.headers_mut().insert(
+                    header::CONTENT_TYPE,
+                    HeaderValue::from_static("application/json"),
+                );
+                response
+            })
         })
     }
 }
 
-async fn receive(ledger: &Ledger, request: Request<Body>) -> Result<Response<Body>, GatewayError> {
+/// Handles one callback; the `Ok` value is the metrics label of how it was accepted.
+async fn receive(ledger: &Ledger, request: Request<Body>) -> Result<&'static str, GatewayError> {
     let token = match request.extensions().get::<Route>().map(|r| &r.kind) {
         Some(RouteKind::RunwayCallback { token }) => token.clone(),
         _ => {
@@ -118,6 +130,11 @@ async fn receive(ledger: &Ledger, request: Request<Body>) -> Result<Response<Bod
             )));
         }
     }
+    let (report, label) = if report.is_terminal() && snapshot.config.callbacks.verify_terminal {
+        verify_terminal(ledger, &snapshot, report, task.task_id.as_deref()).await?
+    } else {
+        (report, "accepted")
+    };
     ledger
         .apply_report(
             TaskRef::CallbackToken(token),
@@ -139,14 +156,41 @@ async fn receive(ledger: &Ledger, request: Request<Body>) -> Result<Response<Bod
             })
             .await?;
     }
-    let mut response = Response::new(body::full(
-        r#"{"code":200,"msg":"ok","data":null}"#.as_bytes(),
-    ));
-    response.headers_mut().insert(
-        header::CONTENT_TYPE,
-        HeaderValue::from_static("application/json"),
-    );
-    Ok(response)
+    Ok(label)
+}
+
+/// A terminal callback is checked against `/runway/feed` before it settles anything: the
+/// callback is unsigned, so the upstream's own record is the authority on what a task
+/// cost (upstream-api.md: "treat a terminal state in it as final only if it matches what
+/// /runway/feed says"). When the feed has no record to compare with (it may answer
+/// `task_not_exist`, or be unreachable), the callback is trusted as the upstream documents.
+async fn verify_terminal(
+    ledger: &Ledger,
+    snapshot: &Snapshot,
+    claimed: TaskReport,
+    attached_task_id: Option<&str>,
+) -> Result<(TaskReport, &'static str), GatewayError> {
+    let Some(task_id) = attached_task_id.or(claimed.task_id.as_deref()) else {
+        return Ok((claimed, "accepted_unverified"));
+    };
+    match feed_upstream(snapshot, task_id, &ledger.metrics).await {
+        FeedAnswer::Record(record) if record.status == claimed.status => Ok((record, "accepted")),
+        FeedAnswer::Record(record) => {
+            tracing::warn!(task_id, claimed = %claimed.status, upstream = %record.status, "callback status does not match the upstream's record; ignored");
+            Err(GatewayError::Conflict(format!(
+                "callback status {:?} does not match the upstream's record ({:?})",
+                claimed.status, record.status
+            )))
+        }
+        FeedAnswer::NoRecord(why) => {
+            tracing::info!(
+                task_id,
+                why,
+                "could not verify a terminal callback with /runway/feed; trusting it"
+            );
+            Ok((claimed, "accepted_unverified"))
+        }
+    }
 }
 
 /// Delivers queued callbacks to the callers' own URLs.

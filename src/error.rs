@@ -22,6 +22,9 @@ pub enum GatewayError {
     NotFound(String),
     #[error("{0}")]
     MethodNotAllowed(String),
+    /// The request contradicts what gatehouse knows (e.g. a callback vs the upstream's record).
+    #[error("{0}")]
+    Conflict(String),
     /// The key's quota (in points) cannot cover the price of this request.
     #[error("{0}")]
     QuotaExceeded(String),
@@ -162,6 +165,7 @@ impl GatewayError {
             GatewayError::Forbidden(_) => StatusCode::FORBIDDEN,
             GatewayError::NotFound(_) => StatusCode::NOT_FOUND,
             GatewayError::MethodNotAllowed(_) => StatusCode::METHOD_NOT_ALLOWED,
+            GatewayError::Conflict(_) => StatusCode::CONFLICT,
             GatewayError::PayloadTooLarge { .. } => StatusCode::PAYLOAD_TOO_LARGE,
             GatewayError::UnsupportedMediaType(_) => StatusCode::UNSUPPORTED_MEDIA_TYPE,
             GatewayError::RateLimited { .. } => StatusCode::TOO_MANY_REQUESTS,

@@ -219,7 +219,14 @@ impl Metrics {
             (&tasks_settled_total, &["succeeded", "failed"][..]),
             (
                 &callbacks_received_total,
-                &["accepted", "unknown_token", "malformed", "error"][..],
+                &[
+                    "accepted",
+                    "accepted_unverified",
+                    "mismatch",
+                    "unknown_token",
+                    "malformed",
+                    "error",
+                ][..],
             ),
             (
                 &callback_deliveries_total,

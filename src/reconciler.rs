@@ -146,43 +146,19 @@ impl Reconciler {
         let Some(task_id) = task.task_id.clone() else {
             return false;
         };
-        let request = Request::post("/runway/feed")
-            .header(header::CONTENT_TYPE, "application/json")
-            .body(body::full(
-                serde_json::json!({ "task_id": task_id }).to_string(),
-            ))
-            .expect("a literal request is valid");
-        let upstream = &snapshot.config.upstream;
-        let response = match snapshot
-            .upstream
-            .send(upstream, request, &self.ledger.metrics)
-            .await
-        {
-            Ok(response) => response,
-            Err(err) => {
-                tracing::debug!(task_id, error = %err, "reconciler feed failed; will retry");
+        let report = match feed_upstream(snapshot, &task_id, &self.ledger.metrics).await {
+            FeedAnswer::Record(report) => report,
+            FeedAnswer::NoRecord(why) => {
+                // `task_not_exist` right after submit, or an upstream error: try again next
+                // round (moved to the back of the queue).
+                tracing::debug!(task_id, why, "reconciler feed: no record yet");
+                let _ = self
+                    .ledger
+                    .store
+                    .update_status(TaskRef::TaskId(task_id), &task.status, self.ledger.now())
+                    .await;
                 return false;
             }
-        };
-        let Ok(bytes) = body::collect_limited(response.into_body(), 1024 * 1024).await else {
-            return false;
-        };
-        let value: serde_json::Value = match serde_json::from_slice(&bytes) {
-            Ok(value) => value,
-            Err(_) => return false,
-        };
-        if value["code"] != 200 {
-            // `task_not_exist` right after submit, or an upstream error: try again next round.
-            tracing::debug!(task_id, answer = %value, "reconciler feed: no record yet");
-            let _ = self
-                .ledger
-                .store
-                .update_status(TaskRef::TaskId(task_id), &task.status, self.ledger.now())
-                .await;
-            return false;
-        }
-        let Some(report) = TaskReport::from_json(&value) else {
-            return false;
         };
         match self
             .ledger
@@ -201,5 +177,49 @@ impl Reconciler {
                 false
             }
         }
+    }
+}
+
+/// What `POST /runway/feed` with the upstream token said about one task.
+#[derive(Debug)]
+pub enum FeedAnswer {
+    Record(TaskReport),
+    /// No usable record (`task_not_exist`, an error envelope, no answer); the text says which.
+    NoRecord(String),
+}
+
+/// Asks the upstream for a task's record with the upstream token.
+pub async fn feed_upstream(
+    snapshot: &Snapshot,
+    task_id: &str,
+    metrics: &crate::metrics::Metrics,
+) -> FeedAnswer {
+    let request = Request::post("/runway/feed")
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(body::full(
+            serde_json::json!({ "task_id": task_id }).to_string(),
+        ))
+        .expect("a literal request is valid");
+    let response = match snapshot
+        .upstream
+        .send(&snapshot.config.upstream, request, metrics)
+        .await
+    {
+        Ok(response) => response,
+        Err(err) => return FeedAnswer::NoRecord(err.message()),
+    };
+    let Ok(bytes) = body::collect_limited(response.into_body(), 1024 * 1024).await else {
+        return FeedAnswer::NoRecord("the feed answer broke off".into());
+    };
+    let value: serde_json::Value = match serde_json::from_slice(&bytes) {
+        Ok(value) => value,
+        Err(_) => return FeedAnswer::NoRecord("the feed answer is not JSON".into()),
+    };
+    if value["code"] != 200 {
+        return FeedAnswer::NoRecord(format!("upstream answered {value}"));
+    }
+    match TaskReport::from_json(&value) {
+        Some(report) => FeedAnswer::Record(report),
+        None => FeedAnswer::NoRecord("the feed answer holds no task record".into()),
     }
 }

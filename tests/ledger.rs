@@ -541,3 +541,48 @@ async fn a_charge_in_the_previous_day_does_not_count_today() {
     );
     assert_ne!(task_id, today);
 }
+
+#[tokio::test]
+async fn a_forged_terminal_callback_is_refused_and_the_real_one_settles() {
+    let h = Harness::start("").await;
+    let task_id = submit(&h, KEY_A).await;
+    h.upstream.advance(&task_id, "1").await.unwrap();
+
+    // Someone who learned the callback URL claims the task failed (it would cost 0).
+    let forged = h
+        .upstream
+        .send_callback(&task_id, CallbackBody::AsStatus("2".into()), 1)
+        .await
+        .unwrap();
+    assert_eq!(forged[0].result, Ok(409), "contradicts /runway/feed");
+    let record = h
+        .gateway
+        .ledger
+        .store
+        .task_by_id(&task_id)
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(record.state, TaskState::Pending, "nothing settled");
+
+    h.upstream
+        .set_task_outcome(&task_id, "3", Some("300"), Some("0"))
+        .await
+        .unwrap();
+    let real = h
+        .upstream
+        .send_callback(&task_id, CallbackBody::Current, 1)
+        .await
+        .unwrap();
+    assert_eq!(real[0].result, Ok(200));
+    assert_eq!(usage(&h, "a").await.charged, points(300));
+    let metrics = h.metrics().await;
+    assert_eq!(
+        sample(
+            &metrics,
+            "gatehouse_callbacks_received_total",
+            &[("result", "mismatch")]
+        ),
+        1.0
+    );
+}

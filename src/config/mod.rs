@@ -468,6 +468,9 @@ pub struct CallbacksConfig {
     pub delivery_timeout_ms: u64,
     /// Largest callback body accepted from the upstream.
     pub max_body_bytes: usize,
+    /// Check a terminal callback against `/runway/feed` before settling (one upstream
+    /// request per finished task); a callback that contradicts the upstream's record is refused.
+    pub verify_terminal: bool,
 }
 
 impl ReconcilerConfig {
@@ -487,6 +490,7 @@ impl Default for CallbacksConfig {
             max_backoff_ms: 300_000,
             delivery_timeout_ms: 10_000,
             max_body_bytes: 256 * 1024,
+            verify_terminal: true,
         }
     }
 }
