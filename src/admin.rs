@@ -90,9 +90,22 @@ impl tower::Service<Request<Body>> for AdminService {
                     }
                     Ok(response)
                 }
-                (method, path) => Err(GatewayError::NotFound(format!(
-                    "no admin endpoint {method} {path}; see GET /admin/usage"
-                ))),
+                (method, path) => {
+                    let known = match path {
+                        "/admin/reload" => Some("POST"),
+                        "/admin/usage" => Some("GET"),
+                        _ if path.starts_with("/admin/usage/") => Some("GET"),
+                        _ => None,
+                    };
+                    Err(match known {
+                        Some(allowed) => GatewayError::MethodNotAllowed(format!(
+                            "{path} accepts {allowed}, not {method}"
+                        )),
+                        None => GatewayError::NotFound(format!(
+                            "no admin endpoint {method} {path}; the admin API has GET /admin/usage, GET /admin/usage/{{key}} and POST /admin/reload"
+                        )),
+                    })
+                }
             }
         })
     }
@@ -119,7 +132,7 @@ fn authorize(config: &Config, headers: &http::HeaderMap) -> Result<(), GatewayEr
     if bool::from(presented.as_bytes().ct_eq(token.expose().as_bytes())) {
         Ok(())
     } else {
-        Err(GatewayError::Unauthorized(AuthFailure::UnknownKey))
+        Err(GatewayError::Unauthorized(AuthFailure::WrongAdminToken))
     }
 }
 

@@ -178,6 +178,13 @@ fn open_ledger(path: &Path) -> Result<(Config, crate::quota::Ledger), ExitCode> 
         eprintln!("gatehouse: {}: {err}", path.display());
         ExitCode::from(2)
     })?;
+    if !config.store.path.exists() {
+        eprintln!(
+            "gatehouse: no ledger at {} (store.path; a relative path is relative to the current directory)",
+            config.store.path.display()
+        );
+        return Err(ExitCode::FAILURE);
+    }
     let store = crate::quota::SqliteStore::open(&config.store.path).map_err(|err| {
         eprintln!(
             "gatehouse: cannot open the ledger {} (store.path): {err}",
@@ -222,8 +229,8 @@ async fn print_usage(path: PathBuf, key: Option<String>) -> ExitCode {
             r.key,
             r.period,
             show(r.quota),
-            r.charged,
-            r.reserved,
+            r.charged.to_string(),
+            r.reserved.to_string(),
             show(r.remaining),
             r.open_tasks
         );
@@ -257,7 +264,7 @@ async fn print_ledger(path: PathBuf, key: String, task: Option<String>) -> ExitC
             at,
             e.period.as_str(),
             e.kind.as_str(),
-            e.points,
+            e.points.to_string(),
             e.task_id.as_deref().unwrap_or("-"),
             e.note
         );
@@ -278,6 +285,12 @@ fn hash_key() -> ExitCode {
         );
         return ExitCode::FAILURE;
     }
+    if !key.bytes().all(|b| b.is_ascii_graphic()) {
+        eprintln!(
+            "gatehouse hash-key: a key is one line of visible ASCII (it travels in an HTTP header)"
+        );
+        return ExitCode::FAILURE;
+    }
     println!("{}", crate::auth::hash_key(key));
     ExitCode::SUCCESS
 }
@@ -285,8 +298,10 @@ fn hash_key() -> ExitCode {
 fn init_tracing(format: LogFormat) {
     use tracing_subscriber::EnvFilter;
     let filter = EnvFilter::try_from_default_env().unwrap_or_else(|_| EnvFilter::new("info"));
+    use std::io::IsTerminal;
     let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr);
     let _ = match format {
         LogFormat::Json => builder.json().flatten_event(true).try_init(),
@@ -429,7 +444,15 @@ async fn shutdown_signal() {
 struct DemoSetup {
     upstream: MockUpstream,
     demo_key: String,
+    admin_token: String,
     store_dir: PathBuf,
+}
+
+impl Drop for DemoSetup {
+    fn drop(&mut self) {
+        // The demo's ledger is scratch data; nothing should pile up in the temp dir.
+        let _ = std::fs::remove_dir_all(&self.store_dir);
+    }
 }
 
 const DEMO_UPSTREAM_TOKEN: &str = "demo-upstream-token";
@@ -450,6 +473,7 @@ impl DemoSetup {
         Ok(DemoSetup {
             upstream,
             demo_key: format!("demo-{}", hex::encode(rand::random::<[u8; 12]>())),
+            admin_token: format!("admin-{}", hex::encode(rand::random::<[u8; 12]>())),
             store_dir,
         })
     }
@@ -480,6 +504,12 @@ impl DemoSetup {
             "key_sha256".into(),
             crate::auth::hash_key(&self.demo_key).into(),
         );
+        // Enough for a good look around (a gen3 10 s task reserves 320).
+        demo_key.insert("quota_points".into(), 100_000.into());
+        demo_key.insert("quota_period".into(), "daily".into());
+        let mut admin = toml::Table::new();
+        admin.insert("token".into(), self.admin_token.clone().into());
+        tree.insert("admin".into(), toml::Value::Table(admin));
         let keys = tree
             .entry("keys")
             .or_insert_with(|| toml::Value::Array(Vec::new()));
@@ -505,9 +535,13 @@ impl DemoSetup {
              -d '{{\"callback_url\":\"http://127.0.0.1:9/hook\",\"ratio\":\"16:9\",\"prompt\":\"一只小猫\",\"style\":\"cinematic\",\"model\":\"gen3\",\"options\":{{\"seconds\":10,\"motion_vector\":{{\"x\":0,\"y\":0.4,\"z\":0,\"r\":-6,\"bg_x_pan\":0,\"bg_y_pan\":0}}}}}}'\n\n\
              then poll the task (use the task_id from the answer):\n\
              curl -s http://{listen}/runway/feed -H 'Authorization: Bearer {key}' -H 'Content-Type: application/json' -d '{{\"task_id\":\"TASK_ID\"}}'\n\n\
-             metrics: curl -s http://{listen}/metrics\n",
+             metrics: curl -s http://{listen}/metrics\n\
+             points:  curl -s http://{listen}/admin/usage -H 'Authorization: Bearer {admin}'\n\
+             ledger:  {ledger} (removed when the demo stops)\n",
             self.upstream.base_url(),
             key = self.demo_key,
+            admin = self.admin_token,
+            ledger = self.store_dir.join("ledger.db").display(),
         );
     }
 }

@@ -66,6 +66,8 @@ pub enum AuthFailure {
     WrongAudience,
     MissingClaim,
     UnknownKid,
+    /// `/admin/*` with a Bearer token that is not `[admin] token`.
+    WrongAdminToken,
 }
 
 impl AuthFailure {
@@ -83,6 +85,7 @@ impl AuthFailure {
         "wrong_audience",
         "missing_claim",
         "unknown_kid",
+        "wrong_admin_token",
     ];
 
     pub fn label(self) -> &'static str {
@@ -99,6 +102,7 @@ impl AuthFailure {
             AuthFailure::WrongAudience => "wrong_audience",
             AuthFailure::MissingClaim => "missing_claim",
             AuthFailure::UnknownKid => "unknown_kid",
+            AuthFailure::WrongAdminToken => "wrong_admin_token",
         }
     }
 
@@ -122,6 +126,7 @@ impl AuthFailure {
             AuthFailure::WrongAudience => "JWT audience (aud) is not accepted",
             AuthFailure::MissingClaim => "JWT lacks a required claim",
             AuthFailure::UnknownKid => "JWT key id (kid) is unknown",
+            AuthFailure::WrongAdminToken => "wrong admin token (see [admin] token)",
         }
     }
 }

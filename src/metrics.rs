@@ -110,7 +110,7 @@ impl Metrics {
         );
         let upstream_errors_total = int_counter(
             "gatehouse_upstream_errors_total",
-            "Upstream failures, by kind (connect, timeout, protocol, status_5xx, error_code).",
+            "Upstream failures, by kind (connect, timeout, protocol, status_5xx, upstream_auth).",
             &["kind"],
         );
         let build_info = IntGaugeVec::new(
@@ -126,7 +126,7 @@ impl Metrics {
             .expect("registered once");
         let ratelimit_tracked_keys = int_gauge(
             "gatehouse_ratelimit_tracked_keys",
-            "Keys currently held by the rate limiters (bounded by idle eviction).",
+            "JWT principals without a [[keys]] entry currently tracked by the [defaults] limiter (bounded by idle eviction).",
         );
         let points_reserved_total = counter(
             "gatehouse_points_reserved_total",
@@ -214,7 +214,13 @@ impl Metrics {
             (&config_reloads_total, &["success", "error"][..]),
             (
                 &upstream_errors_total,
-                &["connect", "timeout", "protocol", "status_5xx"][..],
+                &[
+                    "connect",
+                    "timeout",
+                    "protocol",
+                    "status_5xx",
+                    "upstream_auth",
+                ][..],
             ),
             (&tasks_settled_total, &["succeeded", "failed"][..]),
             (

@@ -60,6 +60,8 @@ pub struct Gateway {
     outbox_wakeup: Arc<tokio::sync::Notify>,
     /// Present when the config came from a file that can be reloaded.
     pub reloader: Option<Arc<Reloader>>,
+    /// Held for the gateway's lifetime: one process per ledger file.
+    _ledger_lock: std::fs::File,
 }
 
 /// Why a gateway could not start.
@@ -89,6 +91,7 @@ impl Gateway {
                 })?;
             }
         }
+        let ledger_lock = lock_ledger(&config.store.path)?;
         let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.store.path)?);
         let metrics = Arc::new(Metrics::new());
         metrics.set_config_info(&config.source_hash);
@@ -111,6 +114,7 @@ impl Gateway {
             ledger,
             outbox_wakeup: Arc::new(tokio::sync::Notify::new()),
             reloader: None,
+            _ledger_lock: ledger_lock,
         })
     }
 
@@ -244,10 +248,15 @@ impl Gateway {
             ))
         });
         let readiness = self.readiness.clone();
+        let drain_delay = Duration::from_millis(self.snapshot().config.server.drain_delay_ms);
         tokio::spawn(async move {
             shutdown.await;
-            tracing::info!("shutdown requested: draining in-flight requests");
             readiness.start_draining();
+            tracing::info!(
+                drain_delay_ms = drain_delay.as_millis() as u64,
+                "shutdown requested: /readyz answers 503; then the listener closes and in-flight requests finish"
+            );
+            tokio::time::sleep(drain_delay).await;
             let _ = stop_tx.send(true);
         });
         serve_listener(listener, self.service(), stop_rx, grace).await;
@@ -258,6 +267,37 @@ impl Gateway {
             task.abort();
         }
         tracing::info!("gateway stopped");
+    }
+}
+
+/// Two gateways on one SQLite ledger would both run the reconciler and the outbox, and the
+/// embedded setup is one process per file: a second one is refused at start. (The lock is
+/// advisory and released by the OS when the process dies, even by SIGKILL.)
+fn lock_ledger(path: &std::path::Path) -> Result<std::fs::File, StartError> {
+    let lock_path = path.with_extension("lock");
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|err| {
+            crate::quota::StoreError::Database(format!(
+                "cannot open {}: {err}",
+                lock_path.display()
+            ))
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(crate::quota::StoreError::Database(format!(
+            "another gatehouse process is using the ledger {} (lock {}); several replicas need a shared store",
+            path.display(),
+            lock_path.display()
+        ))
+        .into()),
+        Err(std::fs::TryLockError::Error(err)) => Err(crate::quota::StoreError::Database(
+            format!("cannot lock {}: {err}", lock_path.display()),
+        )
+        .into()),
     }
 }
 
@@ -422,11 +462,16 @@ impl RunningGateway {
         format!("http://{}", self.addr)
     }
 
-    /// Starts a graceful shutdown and waits until the gateway has stopped.
-    pub async fn shutdown(mut self) {
+    /// Starts a graceful shutdown without waiting for it (as SIGTERM does).
+    pub fn begin_shutdown(&mut self) {
         if let Some(stop) = self.stop.take() {
             let _ = stop.send(());
         }
+    }
+
+    /// Starts a graceful shutdown and waits until the gateway has stopped.
+    pub async fn shutdown(mut self) {
+        self.begin_shutdown();
         let _ = (&mut self.task).await;
     }
 }

@@ -118,6 +118,18 @@ impl UpstreamClient {
                         .with_label_values(&["status_5xx"])
                         .inc();
                 }
+                if matches!(response.status().as_u16(), 401 | 403) {
+                    // Callers authenticated with gatehouse, not the upstream: a 401/403 from
+                    // the upstream means gatehouse's own upstream.token is wrong or revoked.
+                    metrics
+                        .upstream_errors_total
+                        .with_label_values(&["upstream_auth"])
+                        .inc();
+                    tracing::error!(
+                        status = response.status().as_u16(),
+                        "the upstream refused gatehouse's upstream.token; every caller is affected"
+                    );
+                }
                 let (mut parts, incoming) = response.into_parts();
                 strip_hop_by_hop(&mut parts.headers);
                 Ok(Response::from_parts(parts, body::boxed(incoming)))

@@ -481,9 +481,9 @@ fn check_callback_host(url: &str, callbacks: &CallbacksConfig) -> Result<(), Gat
     if callbacks.host_allowed(&host) {
         Ok(())
     } else {
+        // The list itself is not shown: it describes the company's internal hosts.
         Err(GatewayError::BadRequest(format!(
-            "callback_url host {host:?} is not allowed; allowed: {} ([callbacks] allowed_hosts)",
-            callbacks.allowed_hosts.join(", ")
+            "callback_url host {host:?} is not allowed by this gateway ([callbacks] allowed_hosts)"
         )))
     }
 }

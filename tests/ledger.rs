@@ -586,3 +586,17 @@ async fn a_forged_terminal_callback_is_refused_and_the_real_one_settles() {
         1.0
     );
 }
+
+#[tokio::test]
+async fn a_second_gateway_on_the_same_ledger_is_refused() {
+    let h = Harness::start("").await;
+    let text = with_store(&config_text(&h.upstream.base_url(), ""), h.store_dir.path());
+    let second = gatehouse::server::Gateway::new(parse_config(&text));
+    let err = second
+        .err()
+        .expect("the ledger is locked by the first gateway");
+    assert!(
+        err.to_string().contains("another gatehouse process"),
+        "{err}"
+    );
+}

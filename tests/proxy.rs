@@ -224,3 +224,37 @@ async fn request_id_from_the_caller_is_kept() {
     assert_eq!(response.status, StatusCode::OK);
     assert_eq!(response.headers["x-request-id"], "trace-abc-123");
 }
+
+#[tokio::test]
+async fn on_shutdown_readyz_turns_503_while_requests_are_still_served() {
+    let mut h = Harness::start_custom(manual_mock(), |url| {
+        config_text(url, "").replace(
+            "request_timeout_ms = 10000",
+            "request_timeout_ms = 10000\ndrain_delay_ms = 30000",
+        )
+    })
+    .await;
+    let ready = h.client.send(Method::GET, &h.url("/readyz"), &[], "").await;
+    assert_eq!(ready.status, StatusCode::OK);
+
+    h.gateway.begin_shutdown();
+    let started = std::time::Instant::now();
+    loop {
+        let ready = h.client.send(Method::GET, &h.url("/readyz"), &[], "").await;
+        if ready.status == StatusCode::SERVICE_UNAVAILABLE {
+            ready.assert_envelope(503, "shutting down");
+            break;
+        }
+        assert!(
+            started.elapsed() < Duration::from_secs(5),
+            "readyz never turned 503"
+        );
+        tokio::task::yield_now().await;
+    }
+    let still_served = h.generate(KEY_A, GENERATE_EXAMPLE).await;
+    assert_eq!(
+        still_served.status,
+        StatusCode::OK,
+        "the listener is still open while draining"
+    );
+}

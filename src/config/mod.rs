@@ -81,6 +81,9 @@ pub struct ServerConfig {
     pub metrics_listen: Option<SocketAddr>,
     /// How long a graceful shutdown waits for in-flight requests.
     pub shutdown_grace_ms: u64,
+    /// On shutdown, how long `/readyz` answers 503 while new requests are still accepted,
+    /// so load balancers stop sending traffic before the listener closes.
+    pub drain_delay_ms: u64,
 }
 
 impl Default for ServerConfig {
@@ -92,6 +95,7 @@ impl Default for ServerConfig {
             request_timeout_ms: 120_000,
             metrics_listen: None,
             shutdown_grace_ms: 30_000,
+            drain_delay_ms: 0,
         }
     }
 }
@@ -731,6 +735,18 @@ impl Config {
             );
         }
         let c = &self.callbacks;
+        for (i, host) in c.allowed_hosts.iter().enumerate() {
+            let name = host.strip_prefix("*.").unwrap_or(host);
+            let plain = !name.is_empty()
+                && name
+                    .bytes()
+                    .all(|b| b.is_ascii_alphanumeric() || matches!(b, b'-' | b'.'));
+            if !plain {
+                problems.push(format!(
+                    "callbacks.allowed_hosts[{i}]: expected a host name like \"hooks.example.com\" or \"*.example.com\" (no scheme, port or path), got {host:?}"
+                ));
+            }
+        }
         if c.max_attempts == 0 || c.initial_backoff_ms == 0 || c.delivery_timeout_ms == 0 {
             problems.push(
                 "callbacks.max_attempts / initial_backoff_ms / delivery_timeout_ms: must be greater than 0"
