@@ -174,7 +174,7 @@ concurrency = 8
 /// One submit: gen3 10 s (320 points) or gen2 5 s (100), with a caller callback URL that
 /// refuses connections (the outbox retries it in the background; nothing leaves loopback).
 fn submit_body(i: usize) -> String {
-    let (model, seconds) = if i % 3 == 0 {
+    let (model, seconds) = if i.is_multiple_of(3) {
         ("gen2", 5)
     } else {
         ("gen3", 10)
