@@ -16,6 +16,7 @@ pub mod metrics;
 pub mod mock_upstream;
 pub mod observe;
 pub mod ops;
+pub mod passthrough;
 pub mod points;
 pub mod quota;
 pub mod ratelimit;

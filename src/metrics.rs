@@ -34,6 +34,9 @@ pub struct Metrics {
     pub settlement_anomalies_total: IntCounterVec,
     pub unknown_task_status_total: IntCounterVec,
     pub config_reloads_total: IntCounterVec,
+    pub model_requests_total: IntCounterVec,
+    pub tokens_total: IntCounterVec,
+    pub route_points_charged_total: CounterVec,
     pub config_last_reload_success_timestamp_seconds: Gauge,
 }
 
@@ -208,6 +211,22 @@ impl Metrics {
             ))
             .expect("registered once");
 
+        let model_requests_total = int_counter(
+            "gatehouse_model_requests_total",
+            "Requests on routes that name a model, by route and model (unlisted models: other).",
+            &["route", "model"],
+        );
+        let tokens_total = int_counter(
+            "gatehouse_tokens_total",
+            "Tokens reported in the upstream's usage, by route, model and direction (prompt, completion).",
+            &["route", "model", "direction"],
+        );
+        let route_points_charged_total = counter(
+            "gatehouse_route_points_charged_total",
+            "Points charged on pass-through routes, by route and model.",
+            &["route", "model"],
+        );
+
         // Series with fixed label values exist from the start (at 0), so dashboards, alerts
         // and `rate()` see them before the first event rather than a missing series.
         for (metric, values) in [
@@ -240,7 +259,13 @@ impl Metrics {
             ),
             (
                 &settlement_anomalies_total,
-                &["missing_point", "unparseable_point", "unparseable_refund"][..],
+                &[
+                    "missing_point",
+                    "unparseable_point",
+                    "unparseable_refund",
+                    "missing_usage",
+                    "stream_incomplete",
+                ][..],
             ),
             (
                 &unknown_task_status_total,
@@ -278,6 +303,9 @@ impl Metrics {
             unknown_task_status_total,
             config_reloads_total,
             config_last_reload_success_timestamp_seconds,
+            model_requests_total,
+            tokens_total,
+            route_points_charged_total,
         }
     }
 

@@ -10,7 +10,7 @@
 //!    `gatehouse_tasks_stuck` and a warning, for a human to look at.
 
 use crate::body;
-use crate::quota::layer::key_label_and_policy;
+use crate::quota::layer::{key_label_and_policy, RUNWAY_PRODUCT};
 use crate::quota::{Ledger, TaskRecord, TaskRef, TaskReport};
 use crate::snapshot::{LiveSnapshot, Snapshot};
 use http::{header, Request};
@@ -146,7 +146,22 @@ impl Reconciler {
         let Some(task_id) = task.task_id.clone() else {
             return false;
         };
-        let report = match feed_upstream(snapshot, &task_id, &self.ledger.metrics).await {
+        // Only Runway tasks can be polled through /runway/feed: generate tasks (a bare id) and
+        // pass-through Runway submits ("runway:<id>"). Other products' tasks settle when their
+        // owner fetches them; they are moved to the back of the queue.
+        let feed_id = match task_id.split_once(':') {
+            None => task_id.clone(),
+            Some((RUNWAY_PRODUCT, id)) => id.to_string(),
+            Some(_) => {
+                let _ = self
+                    .ledger
+                    .store
+                    .update_status(TaskRef::TaskId(task_id), &task.status, self.ledger.now())
+                    .await;
+                return false;
+            }
+        };
+        let report = match feed_upstream(snapshot, &feed_id, &self.ledger.metrics).await {
             FeedAnswer::Record(report) => report,
             FeedAnswer::NoRecord(why) => {
                 // `task_not_exist` right after submit, or an upstream error: try again next

@@ -1,7 +1,7 @@
 //! The whole request path, assembled in one place, and the listeners that serve it.
 //!
 //! ```text
-//! observe ─ limits ─ route ─┬─ proxied routes: auth ─ ratelimit ─ validate ─ quota ─ upstream
+//! observe ─ limits ─ route ─┬─ proxied routes: auth ─ ratelimit ─ validate ─ quota ─ passthrough ─ upstream
 //!                           ├─ /healthz /readyz /metrics: ops
 //!                           ├─ /callbacks/runway/{token}: callbacks
 //!                           └─ /admin/…: admin
@@ -19,6 +19,7 @@ use crate::limits::LimitsLayer;
 use crate::metrics::Metrics;
 use crate::observe::ObserveLayer;
 use crate::ops::{self, OpsService, Readiness};
+use crate::passthrough::PassthroughLayer;
 use crate::quota::layer::QuotaLayer;
 use crate::quota::{Clock, Ledger, SqliteStore, Store, SystemClock};
 use crate::ratelimit::{RateLimitLayer, RateLimiters};
@@ -153,6 +154,7 @@ impl Gateway {
                 .layer(RateLimitLayer::new(self.limiters.clone()))
                 .layer(ValidateLayer)
                 .layer(QuotaLayer::new(self.ledger.clone()))
+                .layer(PassthroughLayer::new(self.ledger.clone()))
                 .service(UpstreamService::new(self.metrics.clone())),
         );
         let ops: InnerService = BoxCloneService::new(OpsService::new(

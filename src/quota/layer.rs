@@ -23,6 +23,10 @@ use http::{header, HeaderValue, Request, Response};
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+/// The `task.product` under which pass-through Runway submits are recorded; `/runway/feed`
+/// serves their tasks too.
+pub const RUNWAY_PRODUCT: &str = "runway";
+
 /// Upstream answers on these routes are small JSON envelopes; anything larger is not one.
 const MAX_UPSTREAM_ANSWER_BYTES: usize = 1024 * 1024;
 
@@ -289,16 +293,25 @@ where
 
     // Another key's task answers exactly like a task that does not exist, so task ids
     // cannot be probed across keys.
-    let owned = ledger
-        .store
-        .task_by_id(&task_id)
-        .await?
-        .is_some_and(|task| task.key_id == principal.key_id);
-    if !owned {
+    // Generate tasks are stored by their id; other Runway submits (video2video, act_one,
+    // configured as pass-through routes of product "runway") as "runway:<id>".
+    let record = match ledger.store.task_by_id(&task_id).await? {
+        Some(record) => Some(record),
+        None => {
+            ledger
+                .store
+                .task_by_id(&format!("{RUNWAY_PRODUCT}:{task_id}"))
+                .await?
+        }
+    };
+    let Some(stored_id) = record
+        .filter(|task| task.key_id == principal.key_id)
+        .and_then(|task| task.task_id)
+    else {
         return Err(GatewayError::NotFound(format!(
             "task_id {task_id:?} does not exist"
         )));
-    }
+    };
 
     parts.headers.insert(
         header::CONTENT_LENGTH,
@@ -321,12 +334,9 @@ where
         {
             let snapshot = snapshot.clone();
             if let Err(err) = ledger
-                .apply_report(
-                    TaskRef::TaskId(task_id.clone()),
-                    &report,
-                    "feed",
-                    |key_id| key_label_and_policy(&snapshot, key_id),
-                )
+                .apply_report(TaskRef::TaskId(stored_id), &report, "feed", |key_id| {
+                    key_label_and_policy(&snapshot, key_id)
+                })
                 .await
             {
                 // The caller still gets its answer; the reconciler settles the task later.
