@@ -93,7 +93,10 @@ impl Gateway {
             }
         }
         let ledger_lock = lock_ledger(&config.store.path)?;
-        let store: Arc<dyn Store> = Arc::new(SqliteStore::open(&config.store.path)?);
+        let store: Arc<dyn Store> = Arc::new(SqliteStore::open_with(
+            &config.store.path,
+            config.store.synchronous,
+        )?);
         let metrics = Arc::new(Metrics::new());
         metrics.set_config_info(&config.source_hash);
         metrics.init_keys(config.keys.iter().map(|key| key.id.as_str()));

@@ -284,12 +284,24 @@ impl Default for ValidationConfig {
 pub struct StoreConfig {
     /// SQLite file of the point ledger.
     pub path: PathBuf,
+    /// When a ledger write counts as done: `full` (fsync per commit: survives power loss)
+    /// or `normal` (survives a crash of the gateway process, not of the machine; much faster).
+    pub synchronous: Synchronous,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Synchronous {
+    #[default]
+    Full,
+    Normal,
 }
 
 impl Default for StoreConfig {
     fn default() -> Self {
         StoreConfig {
             path: PathBuf::from("gatehouse.db"),
+            synchronous: Synchronous::Full,
         }
     }
 }

@@ -11,7 +11,8 @@
 //! default `NORMAL`, a commit in WAL mode survives a process crash but may be rolled back
 //! by a power loss or OS crash — an acknowledged reservation would vanish while the
 //! upstream task it paid for runs on. A reservation must be on disk before the request is
-//! forwarded, so FULL is worth one fsync per ledger write.
+//! forwarded, so FULL (the default) is worth one fsync per ledger write. Deployments that
+//! accept that trade for throughput set `[store] synchronous = "normal"`.
 
 use super::cost::{is_terminal, refund_amount, task_cost, Anomaly};
 use super::period::PeriodKey;
@@ -20,6 +21,7 @@ use super::store::{
     NewDelivery, NewReservation, ReservationId, SettleResult, Settlement, Store, StoreCounts,
     StoreError, StoreFuture, TaskRecord, TaskRef, TaskState, Usage,
 };
+use crate::config::Synchronous;
 use crate::points::Points;
 use rusqlite::types::{Type, Value};
 use rusqlite::{
@@ -125,26 +127,39 @@ impl SqliteStore {
     /// Opens (creating if needed) the ledger file and brings its schema up to date.
     /// Blocking; call at startup.
     pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        SqliteStore::open_with(path, Synchronous::Full)
+    }
+
+    /// As `open`, with the `[store] synchronous` setting.
+    pub fn open_with(path: &Path, synchronous: Synchronous) -> Result<SqliteStore, StoreError> {
         let conn = Connection::open(path).map_err(|e| {
             StoreError::Database(format!(
                 "store.path {}: cannot open the SQLite ledger: {e}",
                 path.display()
             ))
         })?;
-        SqliteStore::init(conn, Some(path.to_path_buf()))
+        SqliteStore::init(conn, Some(path.to_path_buf()), synchronous)
     }
 
     /// A private in-memory ledger (tests of other modules). Not durable.
     pub fn open_in_memory() -> Result<SqliteStore, StoreError> {
-        SqliteStore::init(Connection::open_in_memory()?, None)
+        SqliteStore::init(Connection::open_in_memory()?, None, Synchronous::Full)
     }
 
-    fn init(mut conn: Connection, path: Option<PathBuf>) -> Result<SqliteStore, StoreError> {
+    fn init(
+        mut conn: Connection,
+        path: Option<PathBuf>,
+        synchronous: Synchronous,
+    ) -> Result<SqliteStore, StoreError> {
         conn.busy_timeout(BUSY_TIMEOUT)?;
         // See the module comment for why WAL + FULL. (An in-memory database answers
         // "memory" to journal_mode; that is fine for it.)
         let _mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
-        conn.pragma_update(None, "synchronous", "FULL")?;
+        let level = match synchronous {
+            Synchronous::Full => "FULL",
+            Synchronous::Normal => "NORMAL",
+        };
+        conn.pragma_update(None, "synchronous", level)?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         migrate(&mut conn)?;
         Ok(SqliteStore {
