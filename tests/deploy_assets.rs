@@ -89,9 +89,40 @@ rate_per_second = 1000
 burst = 1000
 quota_points = 100000
 quota_period = "monthly"
+
+[[routes]]
+name = "runway_generate"
+path = "/runway/pro/generate"
+kind = "runway_generate"
+
+[[routes]]
+name = "runway_feed"
+path = "/runway/feed"
+kind = "runway_feed"
+
+[[routes]]
+name = "chat_completions"
+path = "/v1/chat/completions"
+kind = "passthrough"
+model_pointer = "/model"
+allowed_models = ["gpt-4o-mini"]
+token_pricing = { estimate = 5, default = { prompt_per_1k = 1, completion_per_1k = 2 } }
 "#,
     )
     .await;
+    let chat = h
+        .client
+        .send(
+            http::Method::POST,
+            &h.url("/v1/chat/completions"),
+            &[
+                ("authorization", &format!("Bearer {KEY_A}")),
+                ("content-type", "application/json"),
+            ],
+            r#"{"model":"gpt-4o-mini","messages":[{"role":"user","content":"hello"}]}"#,
+        )
+        .await;
+    assert_eq!(chat.status, 200, "chat: {}", chat.text());
     let submitted = h.generate(KEY_A, GENERATE_EXAMPLE).await;
     assert_eq!(submitted.status, 200, "generate: {}", submitted.text());
     let task_id = submitted.json()["data"]["task_id"]
