@@ -1,8 +1,8 @@
 //! `SqliteStore`: the embedded `Store`, one SQLite file (`store.path`).
 //!
-//! One connection behind a `std::sync::Mutex`, used from `tokio::task::spawn_blocking`, so
-//! the async request path never blocks on disk and all ledger work is serialized in this
-//! process. Every operation that moves points runs in a `BEGIN IMMEDIATE` transaction: it
+//! One connection, used by one writer thread that commits concurrent operations in batches
+//! (group commit, see `run`), so the async request path never blocks on disk and all ledger
+//! work is serialized in this process. Every operation that moves points runs in a `BEGIN IMMEDIATE` transaction: it
 //! takes SQLite's write lock before reading the balance, so the quota check and the write
 //! cannot interleave with another writer — even another process on the same file.
 //!
@@ -25,7 +25,7 @@ use crate::config::Synchronous;
 use crate::points::Points;
 use rusqlite::types::{Type, Value};
 use rusqlite::{
-    params, Connection, ErrorCode, OptionalExtension, Row, Transaction, TransactionBehavior,
+    params, Connection, ErrorCode, OptionalExtension, Row, Savepoint, TransactionBehavior,
 };
 use std::path::{Path, PathBuf};
 use std::sync::{Arc, Mutex};
@@ -111,9 +111,21 @@ const MIGRATIONS: &[&str] = &[
 const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 
 pub struct SqliteStore {
+    /// The one connection; the writer thread holds it for each batch (tests inspect it).
+    #[cfg_attr(not(test), allow(dead_code))]
     conn: Arc<Mutex<Connection>>,
     path: Option<PathBuf>,
+    /// Operations for the writer thread (see `run`).
+    jobs: std::sync::mpsc::Sender<Job>,
 }
+
+/// An operation for the writer thread. It runs inside the batch transaction and returns
+/// what to do once the batch's fate is known: `true` when it committed.
+type Job = Box<dyn FnOnce(&mut Connection) -> Completion + Send>;
+type Completion = Box<dyn FnOnce(bool) + Send>;
+
+/// Operations committed together at most; a larger backlog is taken in several batches.
+const MAX_BATCH: usize = 128;
 
 impl std::fmt::Debug for SqliteStore {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
@@ -162,29 +174,76 @@ impl SqliteStore {
         conn.pragma_update(None, "synchronous", level)?;
         conn.pragma_update(None, "foreign_keys", "ON")?;
         migrate(&mut conn)?;
-        Ok(SqliteStore {
-            conn: Arc::new(Mutex::new(conn)),
-            path,
-        })
+        let conn = Arc::new(Mutex::new(conn));
+        let (jobs, queue) = std::sync::mpsc::channel::<Job>();
+        let writer_conn = Arc::clone(&conn);
+        std::thread::Builder::new()
+            .name("gatehouse-ledger".into())
+            .spawn(move || write_batches(&writer_conn, &queue))
+            .map_err(|e| StoreError::Database(format!("cannot start the ledger writer: {e}")))?;
+        Ok(SqliteStore { conn, path, jobs })
     }
 
-    /// Runs `job` on the blocking pool with the connection.
+    /// Runs `job` on the ledger's writer thread and answers once its result is durable.
+    ///
+    /// Group commit: the writer takes every operation waiting in the queue, runs them in one
+    /// transaction (each in its own savepoint) and commits once, so concurrent requests share
+    /// one fsync instead of queueing for one each. An answer is sent only after the commit.
     fn run<T, F>(&self, job: F) -> StoreFuture<'static, T>
     where
         T: Send + 'static,
         F: FnOnce(&mut Connection) -> Result<T, StoreError> + Send + 'static,
     {
-        let conn = Arc::clone(&self.conn);
-        Box::pin(async move {
-            tokio::task::spawn_blocking(move || {
-                // A panic while holding the lock left no open transaction behind (a
-                // dropped `Transaction` rolls back), so the connection is still usable.
-                let mut conn = conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
-                job(&mut conn)
+        let (answer, answered) = tokio::sync::oneshot::channel();
+        let boxed: Job = Box::new(move |conn: &mut Connection| {
+            let result = job(conn);
+            Box::new(move |committed: bool| {
+                let result = match result {
+                    Ok(_) if !committed => Err(StoreError::Database(
+                        "the ledger transaction could not be committed".into(),
+                    )),
+                    other => other,
+                };
+                let _ = answer.send(result);
             })
-            .await
-            .map_err(|e| StoreError::Database(format!("ledger worker failed: {e}")))?
+        });
+        let queued = self.jobs.send(boxed);
+        Box::pin(async move {
+            queued.map_err(|_| StoreError::Database("the ledger writer has stopped".into()))?;
+            answered
+                .await
+                .map_err(|_| StoreError::Database("the ledger writer failed".into()))?
         })
+    }
+}
+
+/// The writer thread: batches of operations, one transaction and one commit each.
+fn write_batches(conn: &Mutex<Connection>, queue: &std::sync::mpsc::Receiver<Job>) {
+    // Ends when every `SqliteStore` handle (and so every sender) is gone.
+    while let Ok(first) = queue.recv() {
+        let mut batch = vec![first];
+        while batch.len() < MAX_BATCH {
+            match queue.try_recv() {
+                Ok(job) => batch.push(job),
+                Err(_) => break,
+            }
+        }
+        // A panic in an earlier batch left no transaction open (it was rolled back below or
+        // by SQLite), so a poisoned lock still guards a usable connection.
+        let mut conn = conn.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+        // BEGIN IMMEDIATE takes the write lock before any job reads a balance, so the quota
+        // check and the write cannot interleave with another process's writer either.
+        let batched = conn.execute_batch("BEGIN IMMEDIATE").is_ok();
+        let completions: Vec<Completion> = batch.into_iter().map(|job| job(&mut conn)).collect();
+        // Without the batch transaction each savepoint committed on its own.
+        let committed = !batched || conn.execute_batch("COMMIT").is_ok();
+        if !committed {
+            let _ = conn.execute_batch("ROLLBACK");
+        }
+        drop(conn);
+        for complete in completions {
+            complete(committed);
+        }
     }
 }
 
@@ -313,7 +372,7 @@ fn balance(
 }
 
 fn bump_balance(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     key_id: &str,
     period: &PeriodKey,
     charged: Points,
@@ -332,7 +391,7 @@ fn bump_balance(
 
 #[allow(clippy::too_many_arguments)]
 fn append_ledger(
-    tx: &Transaction<'_>,
+    tx: &Connection,
     at: i64,
     key_id: &str,
     period: &PeriodKey,
@@ -357,8 +416,10 @@ fn append_ledger(
     Ok(())
 }
 
-fn immediate(conn: &mut Connection) -> Result<Transaction<'_>, StoreError> {
-    Ok(conn.transaction_with_behavior(TransactionBehavior::Immediate)?)
+/// One operation's transaction: a savepoint inside the writer's batch transaction (see
+/// `run`), so a failed operation (over quota, a conflict) rolls back alone.
+fn immediate(conn: &mut Connection) -> Result<Savepoint<'_>, StoreError> {
+    Ok(conn.savepoint()?)
 }
 
 fn reserve_tx(conn: &mut Connection, r: NewReservation) -> Result<ReservationId, StoreError> {
