@@ -23,7 +23,7 @@ use crate::context::RequestContext;
 use crate::error::GatewayError;
 use crate::points::Points;
 use crate::quota::layer::key_label_and_policy;
-use crate::quota::{Ledger, NewReservation, PeriodKey, ReservationId, TaskRef, TaskReport};
+use crate::quota::{Ledger, ReservationId, ReservationRequest, TaskRef, TaskReport};
 use crate::route::{Route, RouteKind};
 use crate::snapshot::Snapshot;
 use bytes::Bytes;
@@ -180,17 +180,14 @@ where
             .reserve(
                 &principal.metrics_label,
                 &principal.policy,
-                NewReservation {
+                ReservationRequest {
                     key_id: principal.key_id.clone(),
-                    period: PeriodKey::all(),
-                    quota: None,
                     price,
                     callback_token: None,
                     caller_callback_url: None,
                     route: route.name.clone(),
                     model: model.clone(),
                     seconds: None,
-                    now: 0,
                 },
             )
             .await?;

@@ -10,7 +10,7 @@
 //! Reads `Principal`, `Route`, `GenerateTask` and `Arc<Snapshot>` from extensions; records
 //! the reserved points in the `RequestContext`.
 
-use super::{Ledger, NewReservation, PeriodKey, ReservationId, TaskRef, TaskReport};
+use super::{Ledger, ReservationId, ReservationRequest, TaskRef, TaskReport};
 use crate::auth::Principal;
 use crate::body::{self, Body, CollectError, ResponseFuture};
 use crate::context::RequestContext;
@@ -152,17 +152,14 @@ where
         .reserve(
             &principal.metrics_label,
             &principal.policy,
-            NewReservation {
+            ReservationRequest {
                 key_id: principal.key_id.clone(),
-                period: PeriodKey::all(),
-                quota: None,
                 price,
                 callback_token: Some(task.callback_token.clone()),
                 caller_callback_url: Some(task.caller_callback_url.clone()),
                 route: route.to_string(),
                 model: Some(task.model.clone()),
                 seconds: Some(task.seconds),
-                now: 0,
             },
         )
         .await?;

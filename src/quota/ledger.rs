@@ -62,6 +62,18 @@ impl TaskReport {
     }
 }
 
+/// What the request path knows when it reserves; the ledger adds the period, quota and time.
+#[derive(Debug, Clone)]
+pub struct ReservationRequest {
+    pub key_id: String,
+    pub price: Points,
+    pub callback_token: Option<String>,
+    pub caller_callback_url: Option<String>,
+    pub route: String,
+    pub model: Option<String>,
+    pub seconds: Option<u32>,
+}
+
 /// What applying a report did.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub enum ReportOutcome {
@@ -87,19 +99,31 @@ impl Ledger {
         PeriodKey::current(policy.quota_period, self.clock.as_ref())
     }
 
-    /// Reserves `price` for a new task (402 when it does not fit).
+    /// Reserves `price` for a new task (402 when it does not fit) in the key's current
+    /// period, against its quota.
     pub async fn reserve(
         &self,
         key_label: &str,
         policy: &KeyPolicy,
-        mut reservation: NewReservation,
+        request: ReservationRequest,
     ) -> Result<ReservationId, StoreError> {
-        reservation.period = self.current_period(policy);
-        reservation.quota = policy.quota_points;
-        reservation.now = self.now();
-        let price = reservation.price;
-        let key_id = reservation.key_id.clone();
-        let id = self.store.reserve(reservation).await?;
+        let price = request.price;
+        let key_id = request.key_id.clone();
+        let id = self
+            .store
+            .reserve(NewReservation {
+                key_id: request.key_id,
+                period: self.current_period(policy),
+                quota: policy.quota_points,
+                price: request.price,
+                callback_token: request.callback_token,
+                caller_callback_url: request.caller_callback_url,
+                route: request.route,
+                model: request.model,
+                seconds: request.seconds,
+                now: self.now(),
+            })
+            .await?;
         self.metrics
             .points_reserved_total
             .with_label_values(&[key_label])

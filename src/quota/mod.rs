@@ -31,7 +31,7 @@ pub mod sqlite;
 pub mod store;
 
 pub use cost::{is_terminal, task_cost, Anomaly};
-pub use ledger::{Ledger, ReportOutcome, TaskReport};
+pub use ledger::{Ledger, ReportOutcome, ReservationRequest, TaskReport};
 pub use period::{period_end, Clock, ManualClock, PeriodKey, SystemClock};
 pub use sqlite::SqliteStore;
 pub use store::{
