@@ -56,7 +56,7 @@ promtool check config deploy/compose/prometheus.yml
 command -v curl >/dev/null || die "curl is required for the live scrape"
 say "cargo build --bin gatehouse"
 cargo build --quiet --bin gatehouse
-bin=$PWD/target/debug/gatehouse
+bin=${CARGO_TARGET_DIR:-$PWD/target}/debug/gatehouse
 [[ -x $bin ]] || die "$bin was not built"
 
 work=$(mktemp -d)
