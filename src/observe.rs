@@ -84,7 +84,7 @@ where
         let path = loggable_path(request.uri().path());
         let span = tracing::info_span!("request", request_id = %request_id, %method, %path);
         let metrics = self.metrics.clone();
-        metrics.requests_in_flight.inc();
+        let in_flight = InFlight::enter(&metrics);
         let call: ResponseFuture = Box::pin(self.inner.call(request));
 
         Box::pin(
@@ -114,7 +114,7 @@ where
                     .request_duration_seconds
                     .with_label_values(&[route])
                     .observe(elapsed.as_secs_f64());
-                metrics.requests_in_flight.dec();
+                drop(in_flight);
                 tracing::info!(
                     target: "gatehouse::access",
                     route,
@@ -131,6 +131,23 @@ where
             }
             .instrument(span),
         )
+    }
+}
+
+/// Counts a request in `gatehouse_requests_in_flight` until dropped: also when the client
+/// disconnects and the request's future is dropped half-way.
+struct InFlight(prometheus::IntGauge);
+
+impl InFlight {
+    fn enter(metrics: &Metrics) -> InFlight {
+        metrics.requests_in_flight.inc();
+        InFlight(metrics.requests_in_flight.clone())
+    }
+}
+
+impl Drop for InFlight {
+    fn drop(&mut self) {
+        self.0.dec();
     }
 }
 

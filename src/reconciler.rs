@@ -223,8 +223,15 @@ pub async fn feed_upstream(
         Ok(response) => response,
         Err(err) => return FeedAnswer::NoRecord(err.message()),
     };
-    let Ok(bytes) = body::collect_limited(response.into_body(), 1024 * 1024).await else {
-        return FeedAnswer::NoRecord("the feed answer broke off".into());
+    let bytes = match crate::upstream::read_answer(
+        response.into_body(),
+        1024 * 1024,
+        &snapshot.config.upstream,
+    )
+    .await
+    {
+        Ok(bytes) => bytes,
+        Err(err) => return FeedAnswer::NoRecord(err.message()),
     };
     let value: serde_json::Value = match serde_json::from_slice(&bytes) {
         Ok(value) => value,

@@ -136,6 +136,21 @@ impl RouteTable {
 
     /// Finds the route for a request, or says why there is none.
     pub fn resolve(&self, method: &Method, path: &str) -> Result<Route, GatewayError> {
+        // Paths are forwarded as they are; a server behind the upstream that normalises
+        // "/mj/submit/../../runway/feed" would otherwise reach a route gatehouse never checked.
+        let lowered = path.to_ascii_lowercase();
+        if path
+            .split('/')
+            .any(|segment| segment == "." || segment == "..")
+            || lowered.contains("%2e")
+            || lowered.contains("%2f")
+            || lowered.contains("%5c")
+            || path.contains('\\')
+        {
+            return Err(GatewayError::BadRequest(
+                "the path may not contain dot segments or encoded '.', '/' or '\\'".into(),
+            ));
+        }
         match path {
             "/healthz" => return only_get(method, path, Route::new("healthz", RouteKind::Health)),
             "/readyz" => return only_get(method, path, Route::new("readyz", RouteKind::Ready)),
@@ -153,10 +168,14 @@ impl RouteTable {
                     Ok(Route::new("runway_callback", kind))
                 } else {
                     Err(GatewayError::MethodNotAllowed(format!(
-                        "{path} accepts POST, not {method}"
+                        "/callbacks/runway/{{token}} accepts POST, not {method}"
                     )))
                 };
             }
+            // The token is a credential: never echoed, not even for a malformed callback path.
+            return Err(GatewayError::NotFound(
+                "no route for this /callbacks/runway/ path".into(),
+            ));
         }
         if path == "/admin" || path.starts_with("/admin/") {
             return Ok(Route::new("admin", RouteKind::Admin));
@@ -323,6 +342,35 @@ mod tests {
             Err(GatewayError::NotFound(_))
         ));
         assert!(table.resolve(&Method::GET, "/metrics").is_ok());
+        for sneaky in [
+            "/runway/feed/../pro/generate",
+            "/runway/./feed",
+            "/runway/%2e%2e/feed",
+            "/runway%2Ffeed",
+        ] {
+            assert!(
+                matches!(
+                    table.resolve(&Method::POST, sneaky),
+                    Err(GatewayError::BadRequest(_))
+                ),
+                "{sneaky}"
+            );
+        }
+        let token_path = "/callbacks/runway/secret-token-123/x";
+        let err = table.resolve(&Method::POST, token_path).unwrap_err();
+        assert!(
+            !err.message().contains("secret-token-123"),
+            "{}",
+            err.message()
+        );
+        let err = table
+            .resolve(&Method::GET, "/callbacks/runway/secret-token-123")
+            .unwrap_err();
+        assert!(
+            !err.message().contains("secret-token-123"),
+            "{}",
+            err.message()
+        );
     }
 
     #[test]

@@ -74,6 +74,17 @@ impl UpstreamClient {
         strip_hop_by_hop(request.headers_mut());
         let headers = request.headers_mut();
         headers.remove(header::HOST);
+        // Callers' other credential headers (some SDKs send the key twice) and cookies are
+        // for gatehouse, never for the upstream.
+        for name in ["x-api-key", "api-key", "cookie"] {
+            headers.remove(name);
+        }
+        // gatehouse reads the JSON of answers it accounts for (task ids, usage, statuses);
+        // a compressed answer would hide them.
+        headers.insert(
+            header::ACCEPT_ENCODING,
+            HeaderValue::from_static("identity"),
+        );
         let mut bearer = HeaderValue::from_str(&format!("Bearer {}", config.token().expose()))
             .map_err(|_| {
                 GatewayError::Internal(
@@ -135,6 +146,29 @@ impl UpstreamClient {
                 Ok(Response::from_parts(parts, body::boxed(incoming)))
             }
         }
+    }
+}
+
+/// Reads an upstream answer whole, bounded in size and in time: `upstream.timeout_ms` bounds
+/// only the wait for the headers, and an answer that stalls after them must not hold a
+/// settlement (or the reconciler) forever.
+pub async fn read_answer(
+    answer: Body,
+    limit: usize,
+    config: &UpstreamConfig,
+) -> Result<bytes::Bytes, GatewayError> {
+    let timeout = Duration::from_millis(config.timeout_ms);
+    match tokio::time::timeout(timeout, body::collect_limited(answer, limit)).await {
+        Ok(Ok(bytes)) => Ok(bytes),
+        Ok(Err(body::CollectError::TooLarge)) => Err(GatewayError::UpstreamUnavailable(format!(
+            "the upstream's answer is larger than the {limit} bytes gatehouse reads to account for it"
+        ))),
+        Ok(Err(body::CollectError::Read(err))) => Err(GatewayError::UpstreamUnavailable(format!(
+            "the upstream's answer broke off: {err}"
+        ))),
+        Err(_) => Err(GatewayError::UpstreamTimeout {
+            after_ms: config.timeout_ms,
+        }),
     }
 }
 

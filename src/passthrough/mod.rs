@@ -200,51 +200,30 @@ where
     };
 
     let call: ResponseFuture = Box::pin(inner.call(Request::from_parts(parts, body)));
-    let result = call.await;
-    let charge = reservation.map(|reservation| Charge {
-        ledger: ledger.clone(),
-        snapshot: snapshot.clone(),
-        principal: principal.clone(),
-        route: route.clone(),
-        model: model.clone(),
-        reservation,
-    });
-    let response = match result {
-        Ok(response) => response,
-        Err(err) => {
-            if let Some(charge) = charge {
-                charge
-                    .release(&format!("upstream failed: {}", err.message()))
-                    .await;
-            }
-            return Err(err);
-        }
-    };
-
     if let (Some(task), Some(task_id)) = (fetch, fetched_task) {
+        let response = call.await?;
         return settle_fetched(&ledger, &snapshot, task, &task_id, response).await;
     }
-    let Some(charge) = charge else {
-        return Ok(response);
+    let Some(reservation) = reservation else {
+        return call.await;
     };
-    if !response.status().is_success() {
-        charge
-            .release(&format!(
-                "upstream answered HTTP {}",
-                response.status().as_u16()
-            ))
-            .await;
-        return Ok(response);
-    }
-    if let Some(task) = submit {
-        return charge.record_submit(task, response).await;
-    }
-    if route.token_pricing.is_some() {
-        return Ok(charge.by_tokens(response).await);
-    }
-    let price = route.points_per_request.unwrap_or(Points::ZERO);
-    charge.settle(price).await;
-    Ok(response)
+    let charge = Charge {
+        ledger,
+        snapshot,
+        principal,
+        route,
+        model,
+        reservation,
+    };
+    // The forward and its accounting run on their own task (as Runway submits do): if the
+    // caller disconnects or times out, the points are still charged, attached or released.
+    tokio::spawn(charge.complete(call))
+        .await
+        .unwrap_or_else(|join| {
+            Err(GatewayError::Internal(format!(
+                "pass-through task failed: {join}"
+            )))
+        })
 }
 
 /// The model named in the body at `model_pointer`, if the route has one.
@@ -338,13 +317,29 @@ async fn owned_task(
     json: Option<&Value>,
 ) -> Result<String, GatewayError> {
     let id = if let Some(param) = &task.id_param {
-        route.param(param).map(str::to_string).or_else(|| {
-            parts.uri.query().and_then(|query| {
-                url::form_urlencoded::parse(query.as_bytes())
-                    .find(|(key, _)| key == param)
-                    .map(|(_, value)| value.into_owned())
-            })
-        })
+        match route.param(param) {
+            Some(id) => Some(id.to_string()),
+            None => {
+                let values: Vec<String> = parts
+                    .uri
+                    .query()
+                    .map(|query| {
+                        url::form_urlencoded::parse(query.as_bytes())
+                            .filter(|(key, _)| key == param)
+                            .map(|(_, value)| value.into_owned())
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                // The upstream might read another occurrence than the one checked here.
+                if values.len() > 1 {
+                    return Err(GatewayError::BadRequest(format!(
+                        "the query parameter {param} is given {} times; give it once",
+                        values.len()
+                    )));
+                }
+                values.into_iter().next()
+            }
+        }
     } else {
         task.id_pointer
             .as_deref()
@@ -400,7 +395,7 @@ async fn settle_fetched(
         return Ok(response);
     }
     let (parts, answer) = response.into_parts();
-    let bytes = read_answer(answer).await?;
+    let bytes = read_answer(answer, snapshot).await?;
     let status = serde_json::from_slice::<Value>(&bytes)
         .ok()
         .and_then(|json| json.pointer(pointer).and_then(id_text));
@@ -432,17 +427,41 @@ async fn settle_fetched(
     Ok(Response::from_parts(parts, body::full(bytes)))
 }
 
-async fn read_answer(answer: Body) -> Result<Bytes, GatewayError> {
-    body::collect_limited(answer, MAX_READ_ANSWER_BYTES)
-        .await
-        .map_err(|_| {
-            GatewayError::UpstreamUnavailable(
-                "the upstream's answer broke off or is too large".into(),
-            )
-        })
+async fn read_answer(answer: Body, snapshot: &Snapshot) -> Result<Bytes, GatewayError> {
+    crate::upstream::read_answer(answer, MAX_READ_ANSWER_BYTES, &snapshot.config.upstream).await
 }
 
 impl Charge {
+    /// Waits for the upstream's answer and accounts for it.
+    async fn complete(self, call: ResponseFuture) -> Result<Response<Body>, GatewayError> {
+        let response = match call.await {
+            Ok(response) => response,
+            Err(err) => {
+                self.release(&format!("upstream failed: {}", err.message()))
+                    .await;
+                return Err(err);
+            }
+        };
+        if !response.status().is_success() {
+            self.release(&format!(
+                "upstream answered HTTP {}",
+                response.status().as_u16()
+            ))
+            .await;
+            return Ok(response);
+        }
+        let route = self.route.clone();
+        if let Some(task) = route.task.as_ref().filter(|t| t.role == TaskRole::Submit) {
+            return self.record_submit(task, response).await;
+        }
+        if route.token_pricing.is_some() {
+            return self.by_tokens(response).await;
+        }
+        self.settle(route.points_per_request.unwrap_or(Points::ZERO))
+            .await;
+        Ok(response)
+    }
+
     fn key_label_of(
         &self,
     ) -> impl Fn(&str) -> (String, Option<Arc<crate::config::KeyPolicy>>) + '_ {
@@ -497,7 +516,7 @@ impl Charge {
     }
 
     /// Charges the tokens used, read from the answer or from its final SSE chunk.
-    async fn by_tokens(self, response: Response<Body>) -> Response<Body> {
+    async fn by_tokens(self, response: Response<Body>) -> Result<Response<Body>, GatewayError> {
         let streamed = response
             .headers()
             .get(header::CONTENT_TYPE)
@@ -512,23 +531,21 @@ impl Charge {
                     runtime.spawn(async move { self.charge_usage(usage, complete).await });
                 }),
             );
-            return Response::from_parts(parts, body::boxed(tap));
+            return Ok(Response::from_parts(parts, body::boxed(tap)));
         }
-        match body::collect_limited(answer, MAX_READ_ANSWER_BYTES).await {
+        match read_answer(answer, &self.snapshot).await {
             Ok(bytes) => {
                 let usage = serde_json::from_slice::<Value>(&bytes)
                     .ok()
                     .as_ref()
                     .and_then(TokenUsage::from_json);
                 self.charge_usage(usage, true).await;
-                Response::from_parts(parts, body::full(bytes))
+                Ok(Response::from_parts(parts, body::full(bytes)))
             }
-            Err(_) => {
+            Err(err) => {
+                // The upstream did the work (it answered 2xx): the estimate is charged.
                 self.charge_usage(None, false).await;
-                Response::from_parts(
-                    parts,
-                    body::full(Bytes::from_static(b"the upstream's answer broke off")),
-                )
+                Err(err)
             }
         }
     }
@@ -584,7 +601,7 @@ impl Charge {
         response: Response<Body>,
     ) -> Result<Response<Body>, GatewayError> {
         let (parts, answer) = response.into_parts();
-        let bytes = match read_answer(answer).await {
+        let bytes = match read_answer(answer, &self.snapshot).await {
             Ok(bytes) => bytes,
             Err(err) => {
                 self.release("the submit answer broke off").await;

@@ -12,11 +12,12 @@
 
 use super::{Ledger, ReservationId, ReservationRequest, TaskRef, TaskReport};
 use crate::auth::Principal;
-use crate::body::{self, Body, CollectError, ResponseFuture};
+use crate::body::{self, Body, ResponseFuture};
 use crate::context::RequestContext;
 use crate::error::GatewayError;
 use crate::route::{Route, RouteKind};
 use crate::snapshot::Snapshot;
+use crate::upstream::read_answer;
 use crate::validate::GenerateTask;
 use bytes::Bytes;
 use http::{header, HeaderValue, Request, Response};
@@ -195,6 +196,7 @@ where
     S: tower::Service<Request<Body>, Response = Response<Body>, Error = GatewayError>,
     S::Future: Send + 'static,
 {
+    let upstream = Snapshot::of(&request)?.config.upstream.clone();
     let release = |reason: String| {
         let ledger = ledger.clone();
         let principal = principal.clone();
@@ -218,15 +220,11 @@ where
         }
     };
     let (parts, answer) = response.into_parts();
-    let bytes = match body::collect_limited(answer, MAX_UPSTREAM_ANSWER_BYTES).await {
+    let bytes = match read_answer(answer, MAX_UPSTREAM_ANSWER_BYTES, &upstream).await {
         Ok(bytes) => bytes,
         Err(err) => {
-            let reason = match err {
-                CollectError::TooLarge => "upstream answer too large".to_string(),
-                CollectError::Read(err) => format!("upstream answer broke off: {err}"),
-            };
-            release(reason.clone()).await;
-            return Err(GatewayError::UpstreamUnavailable(reason));
+            release(err.message()).await;
+            return Err(err);
         }
     };
     match accepted_task_id(parts.status, &bytes) {
@@ -317,11 +315,7 @@ where
     let call: ResponseFuture = Box::pin(inner.call(Request::from_parts(parts, body::full(bytes))));
     let response = call.await?;
     let (parts, answer) = response.into_parts();
-    let answer = body::collect_limited(answer, MAX_UPSTREAM_ANSWER_BYTES)
-        .await
-        .map_err(|_| {
-            GatewayError::UpstreamUnavailable("the upstream's feed answer broke off".into())
-        })?;
+    let answer = read_answer(answer, MAX_UPSTREAM_ANSWER_BYTES, &snapshot.config.upstream).await?;
     if parts.status.is_success() {
         if let Some(report) = serde_json::from_slice(&answer)
             .ok()

@@ -234,10 +234,31 @@ fn write_batches(conn: &Mutex<Connection>, queue: &std::sync::mpsc::Receiver<Job
         // BEGIN IMMEDIATE takes the write lock before any job reads a balance, so the quota
         // check and the write cannot interleave with another process's writer either.
         let batched = conn.execute_batch("BEGIN IMMEDIATE").is_ok();
-        let completions: Vec<Completion> = batch.into_iter().map(|job| job(&mut conn)).collect();
+        let mut completions: Vec<Completion> = Vec::with_capacity(batch.len());
+        let mut aborted = false;
+        for job in batch {
+            if aborted {
+                // SQLite rolled the batch back (disk full, I/O error): the jobs after that
+                // point must not run as autocommit transactions of their own. Dropping a job
+                // unrun drops its answer channel: its caller gets an error.
+                drop(job);
+                continue;
+            }
+            // A panicking job must not take the writer (and so the whole ledger) down.
+            match std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| job(&mut conn))) {
+                Ok(complete) => completions.push(complete),
+                Err(_) => {
+                    tracing::error!("a ledger operation panicked; its batch is rolled back");
+                    aborted = true;
+                }
+            }
+            if batched && conn.is_autocommit() {
+                aborted = true;
+            }
+        }
         // Without the batch transaction each savepoint committed on its own.
-        let committed = !batched || conn.execute_batch("COMMIT").is_ok();
-        if !committed {
+        let committed = !aborted && (!batched || conn.execute_batch("COMMIT").is_ok());
+        if !committed && !conn.is_autocommit() {
             let _ = conn.execute_batch("ROLLBACK");
         }
         drop(conn);
