@@ -437,6 +437,21 @@ async fn a_submit_answered_with_an_error_is_released() {
 }
 
 #[tokio::test]
+async fn a_chat_the_upstream_fails_costs_nothing() {
+    let h = start().await;
+    h.upstream
+        .push_fault("/v1/chat/completions", SubmitFault::Status500);
+    let failed = post(&h, "/v1/chat/completions", KEY_A, chat_body("gpt-4o", true)).await;
+    assert_eq!(failed.status, StatusCode::INTERNAL_SERVER_ERROR);
+    let usage = usage(&h, "a").await;
+    assert_eq!(
+        (usage.charged, usage.reserved),
+        (Points::ZERO, Points::ZERO)
+    );
+    assert_eq!(h.upstream.streams().started, 0);
+}
+
+#[tokio::test]
 async fn a_chat_answer_is_charged_its_usage_at_the_model_rates() {
     let h = start().await;
     let response = post(
@@ -821,6 +836,7 @@ async fn stream_through(url: &str, max_tokens: usize) -> (usize, usize) {
     (bytes, frames)
 }
 
+#[cfg(target_os = "linux")] // reads /proc
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_ten_megabyte_stream_does_not_grow_the_gateways_memory() {
     const MAX_TOKENS: usize = 10_240; // 10 MiB of content, more on the wire
