@@ -3,19 +3,26 @@
 //! strings, `task_not_exist` right after submit, unsigned callbacks on every
 //! status change.
 //!
-//! It serves `POST /runway/pro/generate`, `POST /runway/feed` and a minimal
-//! `POST /v1/chat/completions`; every other path answers a 404 envelope. It is
-//! not part of the request path: integration tests start it in-process, and
-//! `gatehouse mock-upstream`, `gatehouse serve --demo` and the benchmarks run it
-//! as the upstream. Tests drive tasks by hand (`advance`, `set_task_outcome`,
-//! `send_callback`), inject submit faults (`push_submit_fault`) and inspect what
-//! arrived (`received`, `callbacks_sent`, `open_connections`).
+//! It serves `POST /runway/pro/generate`, `POST /runway/feed`, a minimal
+//! `POST /v1/chat/completions` (whole or streamed, long answers on request) and
+//! `GET /v1/models`, Suno (`POST /suno/submit/music`, `GET /suno/fetch/{id}`) and
+//! Midjourney (`POST /mj/submit/{action}`, `GET /mj/task/{id}/fetch`); every other
+//! path answers a 404 envelope. It is not part of the request path: integration
+//! tests start it in-process, and `gatehouse mock-upstream`, `gatehouse serve
+//! --demo` and the benchmarks run it as the upstream. Tests drive tasks by hand
+//! (`advance`, `set_task_outcome`, `send_callback`, `set_suno_status`,
+//! `set_mj_status`), inject faults (`push_submit_fault`, `push_fault`), hold
+//! streams (`pause_streams`) and inspect what arrived (`received`,
+//! `callbacks_sent`, `open_connections`, `streams`).
 
 mod chat;
+mod products;
 mod task;
 #[cfg(test)]
 mod tests;
 
+pub use chat::LONG_PIECE_BYTES;
+pub use products::{Product, ProductTask};
 pub use task::{mock_price, MockTask, Record};
 
 use std::collections::hash_map::DefaultHasher;
@@ -41,6 +48,7 @@ use tokio::sync::{watch, Notify};
 use tokio::task::{JoinHandle, JoinSet};
 
 use crate::body::{self, Body};
+use products::{mj_error, mj_submitted, suno_error, suno_submitted};
 use task::{error_envelope, ok_envelope, submit_record};
 
 /// Larger request bodies are refused: the mock must not be a memory sink.
@@ -108,7 +116,8 @@ pub enum RefundStyle {
     Flag,
 }
 
-/// A misbehaviour for the next `POST /runway/pro/generate` (faults are used first in, first out).
+/// A misbehaviour for the next request on a path (`push_submit_fault`: the next
+/// `POST /runway/pro/generate`; `push_fault`: any path). Faults are used first in, first out.
 #[derive(Debug, Clone, PartialEq)]
 pub enum SubmitFault {
     /// Answer this envelope (e.g. HTTP 200 with code 403 "key incorrect"); no task is created.
@@ -121,7 +130,8 @@ pub enum SubmitFault {
     Status500,
     /// Wait, then handle the submit normally: the task is created only after the delay.
     Delay(Duration),
-    /// Create the task, then answer only after the delay: the task exists though the caller may have timed out.
+    /// Create the task (or make the answer), then answer only after the delay: the task exists
+    /// though the caller may have timed out.
     CreateThenStall(Duration),
     /// Close the connection without an answer; no task is created.
     DropConnection,
@@ -170,6 +180,27 @@ pub struct CallbackSent {
     pub result: Result<u16, String>,
 }
 
+/// What the mock's streamed chat answers have done so far (see `MockUpstream::streams`).
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct StreamStats {
+    /// Streamed answers begun.
+    pub started: usize,
+    /// Server-sent events handed to their connection, over all streams.
+    pub events_sent: usize,
+    /// Streams that sent their last event (`data: [DONE]`).
+    pub completed: usize,
+    /// Streams that stopped early because the client went away.
+    pub abandoned: usize,
+}
+
+#[derive(Default)]
+struct StreamCounters {
+    started: AtomicUsize,
+    events_sent: AtomicUsize,
+    completed: AtomicUsize,
+    abandoned: AtomicUsize,
+}
+
 /// `advance` / `set_task_outcome` / `send_callback` named a task the mock does not have.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct UnknownTask(pub String);
@@ -210,7 +241,12 @@ impl MockUpstream {
             callbacks_total: AtomicUsize::new(0),
             activity: Notify::new(),
             waiters: AtomicUsize::new(0),
-            faults: Mutex::new(VecDeque::new()),
+            faults: Mutex::new(HashMap::new()),
+            products: Mutex::new(HashMap::new()),
+            // Midjourney ids are long decimal numbers; unique per mock, increasing.
+            next_mj_id: AtomicU64::new(unix_millis() * 1000),
+            stream_gate: watch::Sender::new(false),
+            streams: StreamCounters::default(),
             open_connections: AtomicUsize::new(0),
             client: Client::builder(TokioExecutor::new()).build_http(),
             http: auto::Builder::new(TokioExecutor::new()),
@@ -292,7 +328,64 @@ impl MockUpstream {
 
     /// The next `POST /runway/pro/generate` with a valid token misbehaves this way.
     pub fn push_submit_fault(&self, fault: SubmitFault) {
-        lock(&self.shared.faults).push_back(fault);
+        self.push_fault("/runway/pro/generate", fault);
+    }
+
+    /// The next request on `path` (exact, e.g. `"/suno/submit/music"`) with a valid token
+    /// misbehaves this way. An `ErrorEnvelope` or `Status500` answers the aggregator's
+    /// generic `{"code":…,"msg":…,"data":null}` envelope, whatever the product.
+    pub fn push_fault(&self, path: &str, fault: SubmitFault) {
+        lock(&self.shared.faults)
+            .entry(path.to_string())
+            .or_default()
+            .push_back(fault);
+    }
+
+    /// Suno and Midjourney tasks, in submit order.
+    pub fn product_tasks(&self) -> Vec<ProductTask> {
+        let mut tasks: Vec<ProductTask> = lock(&self.shared.products).values().cloned().collect();
+        tasks.sort_by_key(|task| task.seq);
+        tasks
+    }
+
+    pub fn product_task(&self, product: Product, id: &str) -> Option<ProductTask> {
+        lock(&self.shared.products)
+            .get(&(product, id.to_string()))
+            .cloned()
+    }
+
+    /// Sets a Suno task's status (`"IN_PROGRESS"`, `"SUCCESS"`, `"FAILURE"`, …): what its
+    /// next `GET /suno/fetch/{id}` reports.
+    pub fn set_suno_status(&self, id: &str, status: &str) -> Result<(), UnknownTask> {
+        self.shared.set_product_status(Product::Suno, id, status)
+    }
+
+    /// Sets a Midjourney task's status: what its next `GET /mj/task/{id}/fetch` reports.
+    pub fn set_mj_status(&self, id: &str, status: &str) -> Result<(), UnknownTask> {
+        self.shared
+            .set_product_status(Product::Midjourney, id, status)
+    }
+
+    /// Holds every streamed chat answer after its first event until `resume_streams`:
+    /// a test can then tell a relaying gateway (the first event arrives) from a buffering
+    /// one, or hang up mid-stream, without timing.
+    pub fn pause_streams(&self) {
+        self.shared.stream_gate.send_replace(true);
+    }
+
+    pub fn resume_streams(&self) {
+        self.shared.stream_gate.send_replace(false);
+    }
+
+    /// What streamed chat answers have done so far.
+    pub fn streams(&self) -> StreamStats {
+        let counters = &self.shared.streams;
+        StreamStats {
+            started: counters.started.load(Ordering::Acquire),
+            events_sent: counters.events_sent.load(Ordering::Acquire),
+            completed: counters.completed.load(Ordering::Acquire),
+            abandoned: counters.abandoned.load(Ordering::Acquire),
+        }
     }
 
     /// Moves a task to `status` the way the upstream would (point from the price
@@ -429,7 +522,13 @@ struct Shared {
     activity: Notify,
     /// `wait_until` calls in progress.
     waiters: AtomicUsize,
-    faults: Mutex<VecDeque<SubmitFault>>,
+    /// Pending faults by request path.
+    faults: Mutex<HashMap<String, VecDeque<SubmitFault>>>,
+    products: Mutex<HashMap<(Product, String), ProductTask>>,
+    next_mj_id: AtomicU64,
+    /// `true` while streams are paused (`pause_streams`).
+    stream_gate: watch::Sender<bool>,
+    streams: StreamCounters,
     open_connections: AtomicUsize,
     client: Client<HttpConnector, Full<Bytes>>,
     http: auto::Builder<TokioExecutor>,
@@ -441,6 +540,29 @@ enum Route {
     Generate,
     Feed,
     ChatCompletions,
+    Models,
+    SunoSubmit,
+    SunoFetch(String),
+    MjSubmit(String),
+    MjFetch(String),
+}
+
+impl Route {
+    fn of(method: &Method, path: &str) -> Option<Route> {
+        let segments: Vec<&str> = path.trim_start_matches('/').split('/').collect();
+        let one = |segment: &str| (!segment.is_empty()).then(|| segment.to_string());
+        match (method, segments.as_slice()) {
+            (&Method::POST, ["runway", "pro", "generate"]) => Some(Route::Generate),
+            (&Method::POST, ["runway", "feed"]) => Some(Route::Feed),
+            (&Method::POST, ["v1", "chat", "completions"]) => Some(Route::ChatCompletions),
+            (&Method::GET, ["v1", "models"]) => Some(Route::Models),
+            (&Method::POST, ["suno", "submit", "music"]) => Some(Route::SunoSubmit),
+            (&Method::GET, ["suno", "fetch", id]) => one(id).map(Route::SunoFetch),
+            (&Method::POST, ["mj", "submit", action]) => one(action).map(Route::MjSubmit),
+            (&Method::GET, ["mj", "task", id, "fetch"]) => one(id).map(Route::MjFetch),
+            _ => None,
+        }
+    }
 }
 
 /// Returned by the service to make hyper close the connection without an answer.
@@ -543,16 +665,11 @@ impl Shared {
             tokio::time::sleep(self.config.response_delay).await;
         }
 
-        let route = match (&parts.method, parts.uri.path()) {
-            (&Method::POST, "/runway/pro/generate") => Route::Generate,
-            (&Method::POST, "/runway/feed") => Route::Feed,
-            (&Method::POST, "/v1/chat/completions") => Route::ChatCompletions,
-            _ => {
-                return Ok(json_response(
-                    StatusCode::NOT_FOUND,
-                    error_envelope(404, "not found"),
-                ))
-            }
+        let Some(route) = Route::of(&parts.method, parts.uri.path()) else {
+            return Ok(json_response(
+                StatusCode::NOT_FOUND,
+                error_envelope(404, "not found"),
+            ));
         };
         let authorized = parts
             .headers
@@ -564,19 +681,10 @@ impl Shared {
                 error_envelope(403, "key incorrect"),
             ));
         }
-        match route {
-            Route::Generate => self.generate(&body, started).await,
-            Route::Feed => Ok(self.feed(&body)),
-            Route::ChatCompletions => Ok(chat::completion(&body, self.config.stream_chunk_delay)),
-        }
-    }
 
-    async fn generate(
-        self: &Arc<Self>,
-        body: &[u8],
-        started: Instant,
-    ) -> Result<Response<Body>, DropConnection> {
-        let fault = lock(&self.faults).pop_front();
+        let fault = lock(&self.faults)
+            .get_mut(parts.uri.path())
+            .and_then(VecDeque::pop_front);
         let mut stall = None;
         match fault {
             None => {}
@@ -599,24 +707,42 @@ impl Shared {
             Some(SubmitFault::CreateThenStall(delay)) => stall = Some(delay),
         }
 
+        let response = match route {
+            // The generate answer's exec_time includes the stall, as the upstream's would.
+            Route::Generate => return Ok(self.generate(&body, started, stall).await),
+            Route::Feed => self.feed(&body),
+            Route::ChatCompletions => chat::completion(&self, &body),
+            Route::Models => chat::models(),
+            Route::SunoSubmit => self.suno_submit(&body),
+            Route::SunoFetch(id) => self.suno_fetch(&id),
+            Route::MjSubmit(action) => self.mj_submit(&action, &body),
+            Route::MjFetch(id) => self.mj_fetch(&id),
+        };
+        if let Some(delay) = stall {
+            tokio::time::sleep(delay).await;
+        }
+        Ok(response)
+    }
+
+    async fn generate(
+        self: &Arc<Self>,
+        body: &[u8],
+        started: Instant,
+        stall: Option<Duration>,
+    ) -> Response<Body> {
         let request: Value = match serde_json::from_slice(body) {
             Ok(value) => value,
             Err(_) => {
-                return Ok(json_response(
+                return json_response(
                     StatusCode::BAD_REQUEST,
                     error_envelope(400, "invalid json body"),
-                ))
+                )
             }
         };
         let callback_url = match request.get("callback_url").and_then(Value::as_str) {
             Some(url) if !url.is_empty() => url.to_string(),
             // The ugly part: a refused submit still answers HTTP 200.
-            _ => {
-                return Ok(json_response(
-                    StatusCode::OK,
-                    error_envelope(400, "callback_url_empty"),
-                ))
-            }
+            _ => return json_response(StatusCode::OK, error_envelope(400, "callback_url_empty")),
         };
         let text = |field: &str, default: &str| {
             request
@@ -669,10 +795,10 @@ impl Shared {
         // exec_time is a float of seconds, as the upstream reports it.
         let exec_time = (started.elapsed().as_secs_f64() * 1e5).round() / 1e5;
         let exec_time = serde_json::Number::from_f64(exec_time).unwrap_or_else(|| 0.into());
-        Ok(json_response(
+        json_response(
             StatusCode::OK,
             ok_envelope(submit_record(&task_id), exec_time),
-        ))
+        )
     }
 
     fn feed(&self, body: &[u8]) -> Response<Body> {
@@ -704,6 +830,133 @@ impl Shared {
             StatusCode::OK,
             answer.unwrap_or_else(|| error_envelope(400, "task_not_exist")),
         )
+    }
+
+    fn suno_submit(self: &Arc<Self>, body: &[u8]) -> Response<Body> {
+        let Ok(request) = serde_json::from_slice::<Value>(body) else {
+            return json_value(StatusCode::BAD_REQUEST, suno_error("invalid json body"));
+        };
+        let id = uuid::Uuid::new_v4().to_string();
+        self.create_product_task(Product::Suno, &id, "MUSIC", request);
+        json_value(StatusCode::OK, suno_submitted(&id))
+    }
+
+    fn suno_fetch(&self, id: &str) -> Response<Body> {
+        match self.fetch_product_task(Product::Suno, id) {
+            Some(answer) => json_value(StatusCode::OK, answer),
+            // As `/runway/feed`: an unknown task is an error in an HTTP 200.
+            None => json_value(StatusCode::OK, suno_error("task_not_exist")),
+        }
+    }
+
+    fn mj_submit(self: &Arc<Self>, action: &str, body: &[u8]) -> Response<Body> {
+        let Ok(request) = serde_json::from_slice::<Value>(body) else {
+            return json_value(StatusCode::BAD_REQUEST, mj_error("invalid json body"));
+        };
+        let has_prompt = request
+            .get("prompt")
+            .and_then(Value::as_str)
+            .is_some_and(|prompt| !prompt.trim().is_empty());
+        if action == "imagine" && !has_prompt {
+            // midjourney-proxy refuses with code 4 in an HTTP 200: no task is created.
+            return json_value(StatusCode::OK, mj_error("prompt不能为空"));
+        }
+        let id = self.next_mj_id.fetch_add(1, Ordering::Relaxed).to_string();
+        self.create_product_task(
+            Product::Midjourney,
+            &id,
+            &action.to_ascii_uppercase(),
+            request,
+        );
+        json_value(StatusCode::OK, mj_submitted(&id))
+    }
+
+    fn mj_fetch(&self, id: &str) -> Response<Body> {
+        match self.fetch_product_task(Product::Midjourney, id) {
+            Some(answer) => json_value(StatusCode::OK, answer),
+            None => json_value(StatusCode::NOT_FOUND, mj_error("任务不存在")),
+        }
+    }
+
+    fn create_product_task(
+        self: &Arc<Self>,
+        product: Product,
+        id: &str,
+        action: &str,
+        request: Value,
+    ) {
+        let task = ProductTask::new(
+            product,
+            id.to_string(),
+            action.to_string(),
+            request,
+            unix_millis(),
+            self.next_seq.fetch_add(1, Ordering::Relaxed),
+        );
+        lock(&self.products).insert((product, id.to_string()), task);
+        self.notify();
+        if self.config.auto_progress {
+            self.spawn_product_progress(product, id.to_string());
+        }
+    }
+
+    /// The fetch answer for a task, counting the fetch; `None` if the product has no such task.
+    fn fetch_product_task(&self, product: Product, id: &str) -> Option<Value> {
+        let mut products = lock(&self.products);
+        let task = products.get_mut(&(product, id.to_string()))?;
+        task.fetches = task.fetches.saturating_add(1);
+        Some(task.fetch_json())
+    }
+
+    fn set_product_status(
+        &self,
+        product: Product,
+        id: &str,
+        status: &str,
+    ) -> Result<(), UnknownTask> {
+        let mut products = lock(&self.products);
+        let task = products
+            .get_mut(&(product, id.to_string()))
+            .ok_or_else(|| UnknownTask(id.to_string()))?;
+        task.apply_status(status, unix_millis());
+        drop(products);
+        self.notify();
+        Ok(())
+    }
+
+    /// Submitted → in progress → success/failure on the same timers as Runway tasks,
+    /// unless a test already finished the task.
+    fn spawn_product_progress(self: &Arc<Self>, product: Product, id: String) {
+        let shared = self.clone();
+        let mut stopped = self.stopped.clone();
+        let submitted = tokio::time::Instant::now();
+        tokio::spawn(async move {
+            let progress = async {
+                let config = &shared.config;
+                let advance = |status: &str| {
+                    let mut products = lock(&shared.products);
+                    if let Some(task) = products.get_mut(&(product, id.clone())) {
+                        if !task.is_terminal() {
+                            task.apply_status(status, unix_millis());
+                        }
+                    }
+                    drop(products);
+                    shared.notify();
+                };
+                tokio::time::sleep_until(submitted + config.generating_after).await;
+                advance("IN_PROGRESS");
+                tokio::time::sleep_until(
+                    submitted + config.task_duration.max(config.generating_after),
+                )
+                .await;
+                let failed = rand::random::<f64>() < config.failure_rate;
+                advance(if failed { "FAILURE" } else { "SUCCESS" });
+            };
+            tokio::select! {
+                _ = progress => {}
+                _ = stopped.changed() => {}
+            }
+        });
     }
 
     /// Queued → generating → succeeded/failed on timers measured from submit.
@@ -872,6 +1125,17 @@ fn json_response(status: StatusCode, bytes: Vec<u8>) -> Response<Body> {
         HeaderValue::from_static("application/json"),
     );
     response
+}
+
+fn json_value(status: StatusCode, value: Value) -> Response<Body> {
+    json_response(status, value.to_string().into_bytes())
+}
+
+fn unix_millis() -> u64 {
+    SystemTime::now()
+        .duration_since(UNIX_EPOCH)
+        .map(|elapsed| u64::try_from(elapsed.as_millis()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
 }
 
 fn unix_now() -> u64 {

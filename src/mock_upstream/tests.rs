@@ -667,3 +667,330 @@ async fn serves_h2c_too() {
     assert_eq!(answer.json()["msg"], "task_not_exist");
     assert_eq!(mock.received()[0].path, "/runway/feed");
 }
+
+async fn get(mock: &MockUpstream, path: &str) -> Answer {
+    let request = Request::get(format!("{}{path}", mock.base_url()))
+        .header(header::AUTHORIZATION, format!("Bearer {TOKEN}"))
+        .body(Full::new(Bytes::new()))
+        .unwrap();
+    let response = client().request(request).await.unwrap();
+    let status = response.status();
+    let headers = response.headers().clone();
+    let body = response.into_body().collect().await.unwrap().to_bytes();
+    Answer {
+        status,
+        headers,
+        body,
+    }
+}
+
+/// Sends a streamed chat request and returns the response with its body unread.
+async fn open_stream(mock: &MockUpstream, body: Value) -> Response<Incoming> {
+    let request = Request::post(format!("{}/v1/chat/completions", mock.base_url()))
+        .header(header::AUTHORIZATION, format!("Bearer {TOKEN}"))
+        .header(header::CONTENT_TYPE, "application/json")
+        .body(Full::new(Bytes::from(body.to_string())))
+        .unwrap();
+    let response = client().request(request).await.unwrap();
+    assert_eq!(response.status(), StatusCode::OK);
+    response
+}
+
+/// The JSON chunks of a server-sent-event text, without `[DONE]`.
+fn sse_chunks(text: &str) -> Vec<Value> {
+    text.split("\n\n")
+        .filter_map(|event| event.strip_prefix("data: "))
+        .filter(|data| *data != "[DONE]")
+        .map(|data| serde_json::from_str(data).unwrap())
+        .collect()
+}
+
+#[tokio::test]
+async fn models_lists_the_chat_models() {
+    let mock = start(test_config()).await;
+    let answer = get(&mock, "/v1/models").await;
+    assert_eq!(answer.status, StatusCode::OK);
+    let json = answer.json();
+    assert_eq!(json["object"], "list");
+    let ids: Vec<&str> = json["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|m| m["id"].as_str().unwrap())
+        .collect();
+    assert!(
+        ids.contains(&"gpt-4o") && ids.contains(&"deepseek-chat"),
+        "{ids:?}"
+    );
+    assert!(json["data"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .all(|m| m["object"] == "model"));
+}
+
+#[tokio::test]
+async fn long_chat_answers_have_max_tokens_pieces_of_one_kib() {
+    let mock = start(test_config()).await;
+    let request = json!({"model": "gpt-4o", "max_tokens": 40, "messages": [{"role": "user", "content": "hi"}]});
+    let whole = post(&mock, "/v1/chat/completions", request.clone())
+        .await
+        .json();
+    assert_eq!(whole["choices"][0]["finish_reason"], "length");
+    assert_eq!(
+        whole["choices"][0]["message"]["content"]
+            .as_str()
+            .unwrap()
+            .len(),
+        40 * LONG_PIECE_BYTES
+    );
+    assert_eq!(whole["usage"]["completion_tokens"], 40);
+
+    let mut streamed = request;
+    streamed["stream"] = json!(true);
+    streamed["stream_options"] = json!({"include_usage": true});
+    let answer = post(&mock, "/v1/chat/completions", streamed).await;
+    let chunks = sse_chunks(std::str::from_utf8(&answer.body).unwrap());
+    let pieces: Vec<&str> = chunks
+        .iter()
+        .filter_map(|c| c["choices"][0]["delta"]["content"].as_str())
+        .filter(|content| !content.is_empty())
+        .collect();
+    assert_eq!(pieces.len(), 40);
+    assert!(pieces.iter().all(|p| p.len() == LONG_PIECE_BYTES));
+    assert!(pieces[39].starts_with("[39] "), "in order");
+    let last = chunks.last().unwrap();
+    assert_eq!(last["usage"]["completion_tokens"], 40);
+    assert_eq!(last["choices"], json!([]));
+    assert_eq!(mock.streams().completed, 1);
+}
+
+#[tokio::test]
+async fn short_max_tokens_cuts_the_reply() {
+    let mock = start(test_config()).await;
+    let json = post(
+        &mock,
+        "/v1/chat/completions",
+        json!({"model": "gpt-4o", "max_tokens": 2, "messages": []}),
+    )
+    .await
+    .json();
+    assert_eq!(json["choices"][0]["message"]["content"], "This is");
+    assert_eq!(json["choices"][0]["finish_reason"], "length");
+    assert_eq!(json["usage"]["completion_tokens"], 2);
+}
+
+#[tokio::test]
+async fn paused_streams_send_their_first_event_and_wait() {
+    let mock = start(test_config()).await;
+    mock.pause_streams();
+    let response = open_stream(
+        &mock,
+        json!({"model": "gpt-4o", "stream": true, "messages": []}),
+    )
+    .await;
+    let mut body = response.into_body();
+    let first = tokio::time::timeout(WAIT, body.frame())
+        .await
+        .expect("the first event is not held")
+        .unwrap()
+        .unwrap()
+        .into_data()
+        .unwrap();
+    assert!(first.starts_with(b"data: {"), "{first:?}");
+    let stats = mock.streams();
+    assert_eq!(
+        (stats.started, stats.events_sent, stats.completed),
+        (1, 1, 0)
+    );
+
+    mock.resume_streams();
+    let rest = tokio::time::timeout(WAIT, body.collect())
+        .await
+        .unwrap()
+        .unwrap()
+        .to_bytes();
+    assert!(rest.ends_with(b"data: [DONE]\n\n"));
+    // Role, five pieces, finish, [DONE].
+    assert_eq!(mock.streams().events_sent, 8);
+    assert_eq!(mock.streams().completed, 1);
+}
+
+#[tokio::test]
+async fn a_client_that_hangs_up_stops_the_stream_producer() {
+    let mock = start(test_config()).await;
+    // A gigabyte if it were produced eagerly.
+    let response = open_stream(
+        &mock,
+        json!({"model": "gpt-4o", "stream": true, "max_tokens": 1_000_000, "messages": []}),
+    )
+    .await;
+    let mut body = response.into_body();
+    tokio::time::timeout(WAIT, body.frame())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    drop(body);
+    tokio::time::timeout(
+        WAIT,
+        mock.wait_until(|m| m.streams().abandoned == 1 && m.open_connections() == 0),
+    )
+    .await
+    .expect("the producer notices the client left");
+    let stats = mock.streams();
+    assert_eq!(stats.completed, 0);
+    assert!(
+        stats.events_sent < 1_000_000,
+        "produced lazily, not all at once: {stats:?}"
+    );
+}
+
+async fn suno_fetch(mock: &MockUpstream, id: &str) -> Value {
+    let answer = get(mock, &format!("/suno/fetch/{id}")).await;
+    assert_eq!(answer.status, StatusCode::OK);
+    answer.json()
+}
+
+#[tokio::test]
+async fn suno_submit_and_fetch_follow_the_task() {
+    let mock = start(test_config()).await;
+    let submitted = post(
+        &mock,
+        "/suno/submit/music",
+        json!({"prompt": "a song about cats", "mv": "chirp-v3-5"}),
+    )
+    .await;
+    assert_eq!(submitted.status, StatusCode::OK);
+    let json = submitted.json();
+    assert_eq!(
+        (&json["code"], &json["msg"]),
+        (&json!("success"), &json!(""))
+    );
+    let id = json["data"]
+        .as_str()
+        .expect("data is the task id")
+        .to_string();
+
+    let pending = suno_fetch(&mock, &id).await;
+    assert_eq!(pending["code"], "success");
+    assert_eq!(pending["data"]["task_id"], id.as_str());
+    assert_eq!(pending["data"]["status"], "SUBMITTED");
+    assert_eq!(pending["data"]["data"], json!([]));
+
+    mock.set_suno_status(&id, "IN_PROGRESS").unwrap();
+    assert_eq!(
+        suno_fetch(&mock, &id).await["data"]["status"],
+        "IN_PROGRESS"
+    );
+    mock.set_suno_status(&id, "SUCCESS").unwrap();
+    let done = suno_fetch(&mock, &id).await;
+    assert_eq!(done["data"]["status"], "SUCCESS");
+    assert_eq!(done["data"]["progress"], "100%");
+    assert!(done["data"]["data"][0]["audio_url"]
+        .as_str()
+        .unwrap()
+        .ends_with(".mp3"));
+    let task = mock.product_task(Product::Suno, &id).unwrap();
+    assert_eq!(
+        (task.fetches, task.prompt.as_str()),
+        (3, "a song about cats")
+    );
+
+    let unknown = get(&mock, "/suno/fetch/no-such-task").await;
+    assert_eq!(unknown.status, StatusCode::OK);
+    assert_eq!(
+        unknown.json(),
+        json!({"code": "error", "msg": "task_not_exist", "data": null})
+    );
+    assert_eq!(
+        mock.set_suno_status("no-such-task", "SUCCESS"),
+        Err(UnknownTask("no-such-task".into()))
+    );
+}
+
+#[tokio::test]
+async fn mj_submit_and_fetch_follow_the_task() {
+    let mock = start(test_config()).await;
+    let submitted = post(&mock, "/mj/submit/imagine", json!({"prompt": "a cat"})).await;
+    let json = submitted.json();
+    assert_eq!(json["code"], 1);
+    assert_eq!(json["description"], "提交成功");
+    let id = json["result"].as_str().unwrap().to_string();
+    assert!(id.bytes().all(|b| b.is_ascii_digit()), "{id}");
+
+    let path = format!("/mj/task/{id}/fetch");
+    let pending = get(&mock, &path).await.json();
+    assert_eq!(
+        (&pending["id"], &pending["action"], &pending["status"]),
+        (&json!(id), &json!("IMAGINE"), &json!("SUBMITTED"))
+    );
+    assert!(pending["imageUrl"].is_null());
+    mock.set_mj_status(&id, "FAILURE").unwrap();
+    let failed = get(&mock, &path).await.json();
+    assert_eq!(failed["status"], "FAILURE");
+    assert_eq!(failed["failReason"], "generation failed");
+    assert!(failed["finishTime"].is_u64());
+
+    // A Suno fetch does not see Midjourney tasks.
+    assert_eq!(
+        get(&mock, &format!("/suno/fetch/{id}")).await.json()["code"],
+        "error"
+    );
+    let unknown = get(&mock, "/mj/task/123/fetch").await;
+    assert_eq!(unknown.status, StatusCode::NOT_FOUND);
+    assert_eq!(unknown.json()["code"], 4);
+
+    let refused = post(&mock, "/mj/submit/imagine", json!({"prompt": " "})).await;
+    assert_eq!(refused.status, StatusCode::OK);
+    assert_eq!(refused.json()["code"], 4);
+    assert_eq!(
+        mock.product_tasks().len(),
+        1,
+        "a refused submit creates no task"
+    );
+}
+
+#[tokio::test]
+async fn faults_apply_to_the_path_they_were_pushed_for() {
+    let mock = start(test_config()).await;
+    mock.push_fault("/suno/submit/music", SubmitFault::Status500);
+    // Another path is not affected.
+    post(&mock, "/mj/submit/imagine", json!({"prompt": "x"})).await;
+    let failed = post(&mock, "/suno/submit/music", json!({"prompt": "x"})).await;
+    assert_eq!(failed.status, StatusCode::INTERNAL_SERVER_ERROR);
+    assert_eq!(
+        failed.json(),
+        json!({"code": 500, "msg": "internal server error", "data": null})
+    );
+    assert_eq!(mock.product_tasks().len(), 1, "no Suno task was created");
+    let ok = post(&mock, "/suno/submit/music", json!({"prompt": "x"})).await;
+    assert_eq!(ok.json()["code"], "success");
+    assert_eq!(mock.product_tasks().len(), 2);
+}
+
+#[tokio::test]
+async fn product_tasks_progress_by_themselves_with_auto_progress() {
+    let mock = start(MockConfig {
+        auto_progress: true,
+        generating_after: Duration::from_millis(1),
+        task_duration: Duration::from_millis(2),
+        ..test_config()
+    })
+    .await;
+    let id = post(&mock, "/suno/submit/music", json!({"prompt": "x"}))
+        .await
+        .json()["data"]
+        .as_str()
+        .unwrap()
+        .to_string();
+    tokio::time::timeout(
+        WAIT,
+        mock.wait_until(|m| {
+            m.product_task(Product::Suno, &id)
+                .is_some_and(|task| task.status == "SUCCESS")
+        }),
+    )
+    .await
+    .expect("the task finishes on its timers");
+}
