@@ -6,6 +6,7 @@
 
 use bytes::Bytes;
 use http_body_util::{combinators::UnsyncBoxBody, BodyExt, Empty, Full};
+use std::future::Future;
 
 pub type BoxError = Box<dyn std::error::Error + Send + Sync + 'static>;
 
@@ -65,6 +66,99 @@ pub async fn collect_limited(mut body: Body, limit: usize) -> Result<Bytes, Coll
 pub enum CollectError {
     TooLarge,
     Read(String),
+}
+
+/// What `read_up_to` found: the whole body, or its first bytes and the rest still unread.
+pub enum ReadUpTo {
+    Whole(Bytes),
+    Partial(Bytes, Body),
+}
+
+/// Reads a body into memory unless it is larger than `limit`; a larger one comes back as
+/// the part read so far plus the rest, to be relayed without holding it (see `prefixed`).
+pub async fn read_up_to(mut body: Body, limit: usize) -> Result<ReadUpTo, BoxError> {
+    let mut buffer = bytes::BytesMut::new();
+    while let Some(frame) = body.frame().await {
+        if let Ok(data) = frame?.into_data() {
+            buffer.extend_from_slice(&data);
+            if buffer.len() > limit {
+                return Ok(ReadUpTo::Partial(buffer.freeze(), body));
+            }
+        }
+    }
+    Ok(ReadUpTo::Whole(buffer.freeze()))
+}
+
+/// `first`, then everything `rest` still yields.
+pub fn prefixed(first: Bytes, rest: Body) -> Body {
+    Prefixed {
+        first: Some(first),
+        rest,
+    }
+    .boxed_unsync()
+}
+
+struct Prefixed {
+    first: Option<Bytes>,
+    rest: Body,
+}
+
+impl http_body::Body for Prefixed {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        if let Some(first) = self.first.take() {
+            return std::task::Poll::Ready(Some(Ok(http_body::Frame::data(first))));
+        }
+        std::pin::Pin::new(&mut self.rest).poll_frame(cx)
+    }
+}
+
+/// `body`, failing once `limit` has passed since this call: an answer that stalls after its
+/// headers cannot hold a connection for ever.
+pub fn with_deadline(body: Body, limit: std::time::Duration) -> Body {
+    Deadline {
+        inner: body,
+        limit,
+        sleep: Box::pin(tokio::time::sleep(limit)),
+    }
+    .boxed_unsync()
+}
+
+struct Deadline {
+    inner: Body,
+    limit: std::time::Duration,
+    sleep: std::pin::Pin<Box<tokio::time::Sleep>>,
+}
+
+impl http_body::Body for Deadline {
+    type Data = Bytes;
+    type Error = BoxError;
+
+    fn poll_frame(
+        mut self: std::pin::Pin<&mut Self>,
+        cx: &mut std::task::Context<'_>,
+    ) -> std::task::Poll<Option<Result<http_body::Frame<Bytes>, BoxError>>> {
+        if let std::task::Poll::Ready(frame) = std::pin::Pin::new(&mut self.inner).poll_frame(cx) {
+            return std::task::Poll::Ready(frame);
+        }
+        match self.sleep.as_mut().poll(cx) {
+            std::task::Poll::Ready(()) => std::task::Poll::Ready(Some(Err(format!(
+                "the upstream's answer did not finish within {} ms (upstream.timeout_ms; set stream = true on streaming routes)",
+                self.limit.as_millis()
+            )
+            .into()))),
+            std::task::Poll::Pending => std::task::Poll::Pending,
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.inner.is_end_stream()
+    }
 }
 
 /// Reads a request body a layer must see whole: 413 past `limit`, 400 when it breaks off.

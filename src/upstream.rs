@@ -14,7 +14,7 @@ use crate::config::UpstreamConfig;
 use crate::context::RequestContext;
 use crate::error::GatewayError;
 use crate::metrics::Metrics;
-use crate::route::Route;
+use crate::route::{Route, RouteKind};
 use crate::snapshot::Snapshot;
 use http::header::{self, HeaderMap, HeaderName, HeaderValue};
 use http::{Request, Response, Uri};
@@ -242,6 +242,7 @@ impl tower::Service<Request<Body>> for UpstreamService {
                 .extensions()
                 .get::<Route>()
                 .map_or_else(|| Arc::from("unknown"), |r| r.name.clone());
+            let kind = request.extensions().get::<Route>().map(|r| r.kind.clone());
             let started = Instant::now();
             let result = snapshot
                 .upstream
@@ -255,7 +256,14 @@ impl tower::Service<Request<Body>> for UpstreamService {
             if let (Ok(response), Some(context)) = (&result, context) {
                 context.set_upstream(response.status().as_u16(), elapsed);
             }
-            result
+            // Only routes marked `stream = true` may send their answer for longer than the
+            // upstream timeout; any other answer must be complete within it.
+            let streams = matches!(&kind, Some(RouteKind::Passthrough(route)) if route.stream);
+            if streams {
+                return result;
+            }
+            let limit = Duration::from_millis(snapshot.config.upstream.timeout_ms);
+            result.map(|response| response.map(|answer| body::with_deadline(answer, limit)))
         })
     }
 }

@@ -704,7 +704,7 @@ async fn passthrough_routes_send_only_the_upstream_token() {
 // ---- known gateway bugs (see the catalogue branch's report); they pass once fixed ----
 
 #[tokio::test]
-#[ignore = "gateway bug: passthrough::check_model applies [[keys]] allowed_models on routes without model_pointer (400 \"model is required\")"]
+
 async fn a_key_allow_list_does_not_block_routes_that_name_no_model() {
     let h = start().await;
     // KeyPolicy::allowed_models: "Models this key may use on routes that name a model".
@@ -715,7 +715,7 @@ async fn a_key_allow_list_does_not_block_routes_that_name_no_model() {
 }
 
 #[tokio::test]
-#[ignore = "gateway bug: Charge::by_tokens answers an over-8-MiB JSON answer with a 31-byte body under the upstream's Content-Length (hyper panics in debug builds)"]
+
 async fn a_priced_json_answer_larger_than_the_read_limit_reaches_the_client_whole() {
     let h = start().await;
     // About 9 MiB of JSON: above the 8 MiB the pass-through layer reads to find `usage`
@@ -909,4 +909,49 @@ token_pricing = {{ estimate = 20, default = {{ prompt_per_1k = 1, completion_per
         peak_after.saturating_sub(baseline)
     );
     assert_eq!(upstream.streams().completed, 2);
+}
+
+/// A chat route with or without `stream = true`, an upstream timeout of 300 ms, and the
+/// mock's streams paused after their first event.
+async fn paused_chat(stream: bool) -> (Harness, Incoming) {
+    let routes = format!(
+        "[[routes]]\nname = \"chat\"\npath = \"/v1/chat/completions\"\nkind = \"passthrough\"\nstream = {stream}\n"
+    );
+    let h = Harness::start_custom(manual_mock(), |url| {
+        support::config_text(url, &routes).replace("\ntimeout_ms = 5000", "\ntimeout_ms = 300")
+    })
+    .await;
+    h.upstream.pause_streams();
+    let body = json!({"model": "gpt-4o", "stream": true, "messages": []});
+    let mut answer = open(&h, "/v1/chat/completions", KEY_A, &body)
+        .await
+        .into_body();
+    assert!(
+        next_frame(&mut answer).await.is_some(),
+        "a first chunk arrives"
+    );
+    (h, answer)
+}
+
+#[tokio::test]
+async fn only_stream_routes_may_answer_for_longer_than_the_upstream_timeout() {
+    let (streaming, mut kept) = paused_chat(true).await;
+    let (_whole, mut cut) = paused_chat(false).await;
+
+    // Both upstream answers now stall. The non-stream route's answer fails once
+    // upstream.timeout_ms has passed; the stream route's keeps waiting.
+    let broken = tokio::time::timeout(WAIT, cut.frame())
+        .await
+        .expect("the stalled answer is ended, not left hanging");
+    assert!(
+        matches!(broken, Some(Err(_)) | None),
+        "the non-stream answer must not continue: {broken:?}"
+    );
+    let waited = tokio::time::timeout(Duration::from_millis(600), kept.frame()).await;
+    assert!(
+        waited.is_err(),
+        "a stream route keeps waiting past upstream.timeout_ms"
+    );
+    streaming.upstream.resume_streams();
+    while next_frame(&mut kept).await.is_some() {}
 }

@@ -35,7 +35,8 @@ pub struct RouteConfig {
     pub method: String,
     pub path: String,
     pub kind: RouteKindConfig,
-    /// Relay the response body chunk by chunk (chat with `"stream": true`, large downloads).
+    /// The answer may keep flowing for longer than `upstream.timeout_ms` (server-sent events);
+    /// any other answer must be complete within it. Bodies are relayed as they arrive either way.
     #[serde(default)]
     pub stream: bool,
     /// Points reserved at submit and charged when the upstream answers 2xx.

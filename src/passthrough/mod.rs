@@ -255,15 +255,18 @@ fn check_model(
             .trim_start_matches('/')
             .replace('/', ".")
     };
+    // A key's list applies where a model is named (`model_pointer`); routes that name none
+    // (model lists, Suno, uploads) are not model-restricted.
+    let key_list = route
+        .model_pointer
+        .as_ref()
+        .and(principal.policy.allowed_models.as_ref());
     let lists = [
         (
             route.allowed_models.as_ref(),
             format!("route {}", route.name),
         ),
-        (
-            principal.policy.allowed_models.as_ref(),
-            format!("key {}", principal.key_id),
-        ),
+        (key_list, format!("key {}", principal.key_id)),
     ];
     for (list, whose) in lists {
         let Some(list) = list else { continue };
@@ -533,8 +536,14 @@ impl Charge {
             );
             return Ok(Response::from_parts(parts, body::boxed(tap)));
         }
-        match read_answer(answer, &self.snapshot).await {
-            Ok(bytes) => {
+        let timeout_ms = self.snapshot.config.upstream.timeout_ms;
+        let read = tokio::time::timeout(
+            std::time::Duration::from_millis(timeout_ms),
+            body::read_up_to(answer, MAX_READ_ANSWER_BYTES),
+        )
+        .await;
+        match read {
+            Ok(Ok(body::ReadUpTo::Whole(bytes))) => {
                 let usage = serde_json::from_slice::<Value>(&bytes)
                     .ok()
                     .as_ref()
@@ -542,10 +551,23 @@ impl Charge {
                 self.charge_usage(usage, true).await;
                 Ok(Response::from_parts(parts, body::full(bytes)))
             }
-            Err(err) => {
+            Ok(Ok(body::ReadUpTo::Partial(first, rest))) => {
+                // Too large to hold for its `usage`: relayed as it comes, at the estimate.
+                self.charge_usage(None, true).await;
+                Ok(Response::from_parts(parts, body::prefixed(first, rest)))
+            }
+            Ok(Err(err)) => {
                 // The upstream did the work (it answered 2xx): the estimate is charged.
                 self.charge_usage(None, false).await;
-                Err(err)
+                Err(GatewayError::UpstreamUnavailable(format!(
+                    "the upstream's answer broke off: {err}"
+                )))
+            }
+            Err(_) => {
+                self.charge_usage(None, false).await;
+                Err(GatewayError::UpstreamTimeout {
+                    after_ms: timeout_ms,
+                })
             }
         }
     }
