@@ -175,8 +175,22 @@ async fn verify_terminal(
     };
     match feed_upstream(snapshot, task_id, &ledger.metrics).await {
         FeedAnswer::Record(record) if record.status == claimed.status => Ok((record, "accepted")),
+        // The feed may lag behind the callback: nothing is settled yet (the reconciler or a
+        // later callback will), but the caller still hears about it.
+        FeedAnswer::Record(record) if !record.is_terminal() => Ok((record, "unconfirmed")),
         FeedAnswer::Record(record) => {
-            tracing::warn!(task_id, claimed = %claimed.status, upstream = %record.status, "callback status does not match the upstream's record; ignored");
+            // The upstream's own record is final and says otherwise: it settles the task,
+            // and the contradicting callback is neither trusted nor forwarded.
+            tracing::warn!(task_id, claimed = %claimed.status, upstream = %record.status, "callback status contradicts the upstream's record; settling by the record");
+            let snapshot_for_labels = snapshot.clone();
+            ledger
+                .apply_report(
+                    TaskRef::TaskId(task_id.to_string()),
+                    &record,
+                    "feed",
+                    |key| key_label_and_policy(&snapshot_for_labels, key),
+                )
+                .await?;
             Err(GatewayError::Conflict(format!(
                 "callback status {:?} does not match the upstream's record ({:?})",
                 claimed.status, record.status

@@ -247,6 +247,7 @@ impl Metrics {
                 &[
                     "accepted",
                     "accepted_unverified",
+                    "unconfirmed",
                     "mismatch",
                     "unknown_token",
                     "malformed",

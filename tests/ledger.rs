@@ -547,44 +547,62 @@ async fn a_forged_terminal_callback_is_refused_and_the_real_one_settles() {
     let h = Harness::start("").await;
     let task_id = submit(&h, KEY_A).await;
     h.upstream.advance(&task_id, "1").await.unwrap();
+    let state = || async {
+        h.gateway
+            .ledger
+            .store
+            .task_by_id(&task_id)
+            .await
+            .unwrap()
+            .unwrap()
+            .state
+    };
 
-    // Someone who learned the callback URL claims the task failed (it would cost 0).
+    // Someone who learned the callback URL claims the task failed (it would cost 0) while
+    // the upstream still says it is generating: the feed may lag, so it is not refused,
+    // but nothing is settled by it.
+    let early = h
+        .upstream
+        .send_callback(&task_id, CallbackBody::AsStatus("2".into()), 1)
+        .await
+        .unwrap();
+    assert_eq!(early[0].result, Ok(200));
+    assert_eq!(state().await, TaskState::Pending, "nothing settled");
+
+    // Once the upstream's record is final, a contradicting callback is refused (409) and
+    // the record itself settles the task.
+    h.upstream
+        .set_task_outcome(&task_id, "3", Some("300"), Some("0"))
+        .await
+        .unwrap();
     let forged = h
         .upstream
         .send_callback(&task_id, CallbackBody::AsStatus("2".into()), 1)
         .await
         .unwrap();
     assert_eq!(forged[0].result, Ok(409), "contradicts /runway/feed");
-    let record = h
-        .gateway
-        .ledger
-        .store
-        .task_by_id(&task_id)
-        .await
-        .unwrap()
-        .unwrap();
-    assert_eq!(record.state, TaskState::Pending, "nothing settled");
+    assert_eq!(state().await, TaskState::Settled);
+    assert_eq!(usage(&h, "a").await.charged, points(300));
 
-    h.upstream
-        .set_task_outcome(&task_id, "3", Some("300"), Some("0"))
-        .await
-        .unwrap();
     let real = h
         .upstream
         .send_callback(&task_id, CallbackBody::Current, 1)
         .await
         .unwrap();
     assert_eq!(real[0].result, Ok(200));
-    assert_eq!(usage(&h, "a").await.charged, points(300));
+    assert_eq!(usage(&h, "a").await.charged, points(300), "charged once");
     let metrics = h.metrics().await;
-    assert_eq!(
-        sample(
-            &metrics,
-            "gatehouse_callbacks_received_total",
-            &[("result", "mismatch")]
-        ),
-        1.0
-    );
+    for (result, count) in [("unconfirmed", 1.0), ("mismatch", 1.0)] {
+        assert_eq!(
+            sample(
+                &metrics,
+                "gatehouse_callbacks_received_total",
+                &[("result", result)]
+            ),
+            count,
+            "{result}"
+        );
+    }
 }
 
 #[tokio::test]

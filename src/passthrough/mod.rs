@@ -102,6 +102,8 @@ struct Charge {
     route: Arc<RouteConfig>,
     model: Option<String>,
     reservation: ReservationId,
+    /// The request asked for a server-sent-event answer (`"stream": true`).
+    requested_stream: bool,
 }
 
 async fn forward<S>(
@@ -207,6 +209,11 @@ where
     let Some(reservation) = reservation else {
         return call.await;
     };
+    let requested_stream = json
+        .as_ref()
+        .and_then(|json| json.get("stream"))
+        .and_then(Value::as_bool)
+        == Some(true);
     let charge = Charge {
         ledger,
         snapshot,
@@ -214,6 +221,7 @@ where
         route,
         model,
         reservation,
+        requested_stream,
     };
     // The forward and its accounting run on their own task (as Runway submits do): if the
     // caller disconnects or times out, the points are still charged, attached or released.
@@ -520,11 +528,14 @@ impl Charge {
 
     /// Charges the tokens used, read from the answer or from its final SSE chunk.
     async fn by_tokens(self, response: Response<Body>) -> Result<Response<Body>, GatewayError> {
-        let streamed = response
-            .headers()
-            .get(header::CONTENT_TYPE)
-            .and_then(|v| v.to_str().ok())
-            .is_some_and(|v| v.starts_with("text/event-stream"));
+        // Either side may say so: an upstream that labels its event stream oddly is still
+        // relayed chunk by chunk, never held to read its usage.
+        let streamed = self.requested_stream
+            || response
+                .headers()
+                .get(header::CONTENT_TYPE)
+                .and_then(|v| v.to_str().ok())
+                .is_some_and(|v| v.starts_with("text/event-stream"));
         let (parts, answer) = response.into_parts();
         if streamed {
             let runtime = tokio::runtime::Handle::current();
