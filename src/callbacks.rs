@@ -182,13 +182,12 @@ async fn verify_terminal(
             // The upstream's own record is final and says otherwise: it settles the task,
             // and the contradicting callback is neither trusted nor forwarded.
             tracing::warn!(task_id, claimed = %claimed.status, upstream = %record.status, "callback status contradicts the upstream's record; settling by the record");
-            let snapshot_for_labels = snapshot.clone();
             ledger
                 .apply_report(
                     TaskRef::TaskId(task_id.to_string()),
                     &record,
                     "feed",
-                    |key| key_label_and_policy(&snapshot_for_labels, key),
+                    |key| key_label_and_policy(snapshot, key),
                 )
                 .await?;
             Err(GatewayError::Conflict(format!(
