@@ -14,6 +14,7 @@
 #   LOAD_CONCURRENCY   oha connections (default 32)
 #   SOAK_SECONDS       default 300 (10 with --quick)         SOAK_RATE      default 1000 (100 with --quick)
 #   OHA, NGINX         paths of the tools; LOAD_NO_INSTALL=1 fails instead of installing missing ones
+#   LOAD_SYNCHRONOUS   the ledger's [store] synchronous for gatehouse: full (default) or normal
 #
 # Everything listens on 127.0.0.1 on free ports; nothing else is contacted.
 set -euo pipefail
@@ -206,6 +207,7 @@ pool_max_idle = 256
 
 [store]
 path = "$WORK/ledger.db"
+synchronous = "${LOAD_SYNCHRONOUS:-full}"
 
 [[keys]]
 id = "bench"

@@ -164,6 +164,8 @@ impl SqliteStore {
         synchronous: Synchronous,
     ) -> Result<SqliteStore, StoreError> {
         conn.busy_timeout(BUSY_TIMEOUT)?;
+        // Room for every statement the ledger runs (see `cached_execute`).
+        conn.set_prepared_statement_cache_capacity(64);
         // See the module comment for why WAL + FULL. (An in-memory database answers
         // "memory" to journal_mode; that is fine for it.)
         let _mode: String = conn.query_row("PRAGMA journal_mode = WAL", [], |r| r.get(0))?;
@@ -361,7 +363,7 @@ fn task_condition(by: &TaskRef) -> (&'static str, Value) {
 fn find_task(conn: &Connection, by: &TaskRef) -> Result<Option<TaskRecord>, StoreError> {
     let (condition, value) = task_condition(by);
     let sql = format!("SELECT {TASK_COLUMNS} FROM tasks WHERE {condition}");
-    Ok(conn.query_row(&sql, [value], task_from_row).optional()?)
+    Ok(cached_query_row(conn, &sql, [value], task_from_row).optional()?)
 }
 
 fn select_tasks(
@@ -382,11 +384,12 @@ fn balance(
     period: &PeriodKey,
 ) -> Result<(Points, Points), StoreError> {
     let row = conn
-        .query_row(
+        .prepare_cached(
             "SELECT charged_milli, reserved_milli FROM balances WHERE key_id = ?1 AND period = ?2",
-            params![key_id, period.as_str()],
-            |r| Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?)),
-        )
+        )?
+        .query_row(params![key_id, period.as_str()], |r| {
+            Ok((r.get::<_, i64>(0)?, r.get::<_, i64>(1)?))
+        })
         .optional()?;
     let (charged, reserved) = row.unwrap_or((0, 0));
     Ok((Points::from_milli(charged), Points::from_milli(reserved)))
@@ -399,7 +402,8 @@ fn bump_balance(
     charged: Points,
     reserved: Points,
 ) -> Result<(), StoreError> {
-    tx.execute(
+    cached_execute(
+        tx,
         "INSERT INTO balances (key_id, period, charged_milli, reserved_milli)
          VALUES (?1, ?2, ?3, ?4)
          ON CONFLICT (key_id, period) DO UPDATE SET
@@ -421,7 +425,8 @@ fn append_ledger(
     points: Points,
     note: &str,
 ) -> Result<(), StoreError> {
-    tx.execute(
+    cached_execute(
+        tx,
         "INSERT INTO ledger_entries (at, key_id, period, task_row, kind, points_milli, note)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
         params![
@@ -439,6 +444,25 @@ fn append_ledger(
 
 /// One operation's transaction: a savepoint inside the writer's batch transaction (see
 /// `run`), so a failed operation (over quota, a conflict) rolls back alone.
+/// `execute` with the statement prepared once per connection: every ledger operation runs
+/// the same few statements, and parsing them again each time was a large share of its cost.
+fn cached_execute<P: rusqlite::Params>(
+    conn: &Connection,
+    sql: &str,
+    params: P,
+) -> rusqlite::Result<usize> {
+    conn.prepare_cached(sql)?.execute(params)
+}
+
+/// `query_row` with a cached statement (see `cached_execute`).
+fn cached_query_row<T, P, F>(conn: &Connection, sql: &str, params: P, f: F) -> rusqlite::Result<T>
+where
+    P: rusqlite::Params,
+    F: FnOnce(&Row<'_>) -> rusqlite::Result<T>,
+{
+    conn.prepare_cached(sql)?.query_row(params, f)
+}
+
 fn immediate(conn: &mut Connection) -> Result<Savepoint<'_>, StoreError> {
     Ok(conn.savepoint()?)
 }
@@ -464,7 +488,8 @@ fn reserve_tx(conn: &mut Connection, r: NewReservation) -> Result<ReservationId,
             });
         }
     }
-    tx.execute(
+    cached_execute(
+        &tx,
         "INSERT INTO tasks (key_id, period, route, model, seconds, callback_token,
                             caller_callback_url, state, reserved_milli, created_at, updated_at)
          VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, 'reserved', ?8, ?9, ?9)",
@@ -504,15 +529,15 @@ fn attach_tx(
 ) -> Result<TaskState, StoreError> {
     let tx = immediate(conn)?;
     let changed = tx
-        .execute(
+        .prepare_cached(
             "UPDATE tasks SET
                  task_id = ?2,
                  attached_at = COALESCE(attached_at, ?3),
                  updated_at = ?3,
                  state = CASE state WHEN 'reserved' THEN 'pending' ELSE state END
              WHERE id = ?1 AND (task_id IS NULL OR task_id = ?2)",
-            params![id.0, task_id, now],
-        )
+        )?
+        .execute(params![id.0, task_id, now])
         .map_err(|e| match StoreError::from(e) {
             StoreError::Conflict(_) => StoreError::Conflict(format!(
                 "task_id {task_id:?} is already attached to another reservation"
@@ -540,7 +565,8 @@ fn release_tx(
     let tx = immediate(conn)?;
     let task = find_task(&tx, &TaskRef::Reservation(id))?
         .ok_or_else(|| StoreError::NotFound(format!("reservation {id}")))?;
-    let changed = tx.execute(
+    let changed = cached_execute(
+        &tx,
         "UPDATE tasks SET state = 'released', release_reason = ?2, updated_at = ?3, closed_at = ?3
          WHERE id = ?1 AND state = 'reserved'",
         params![id.0, reason, now],
@@ -585,7 +611,8 @@ fn settle_tx(conn: &mut Connection, s: Settlement) -> Result<SettleResult, Store
     // state `settled` and changes nothing. `released` is included on purpose: a submit that
     // timed out may still have created the task upstream, and its late terminal callback
     // (found by token) must charge what the upstream charged us.
-    let changed = tx.execute(
+    let changed = cached_execute(
+        &tx,
         "UPDATE tasks SET state = 'settled', status = ?2, charged_milli = ?3, raw_point = ?4,
                           raw_refund = ?5, anomaly = ?6, updated_at = ?7, closed_at = ?7
          WHERE id = ?1 AND state IN ('reserved', 'pending', 'released')",
@@ -671,7 +698,8 @@ fn settle_tx(conn: &mut Connection, s: Settlement) -> Result<SettleResult, Store
 
 fn usage_of(conn: &Connection, key_id: &str, period: &PeriodKey) -> Result<Usage, StoreError> {
     let (charged, reserved) = balance(conn, key_id, period)?;
-    let open_tasks: i64 = conn.query_row(
+    let open_tasks: i64 = cached_query_row(
+        conn,
         "SELECT COUNT(*) FROM tasks
          WHERE key_id = ?1 AND period = ?2 AND state IN ('reserved', 'pending')",
         params![key_id, period.as_str()],
@@ -752,7 +780,8 @@ fn due_tx(
     };
     let mut leased = Vec::with_capacity(due.len());
     for mut delivery in due {
-        tx.execute(
+        cached_execute(
+            &tx,
             "UPDATE outbox SET next_attempt_at = ?2 WHERE id = ?1",
             params![delivery.id.0, lease_until],
         )?;
@@ -795,7 +824,7 @@ impl Store for SqliteStore {
                 "UPDATE tasks SET status = ?2, updated_at = ?3
                  WHERE {condition} AND state IN ('reserved', 'pending')"
             );
-            Ok(conn.execute(&sql, params![value, status, now])? > 0)
+            Ok(cached_execute(conn, &sql, params![value, status, now])? > 0)
         })
     }
 
@@ -904,7 +933,7 @@ impl Store for SqliteStore {
 
     fn enqueue_delivery(&self, d: NewDelivery) -> StoreFuture<'_, DeliveryId> {
         self.run(move |conn| {
-            conn.execute(
+            cached_execute(conn,
                 "INSERT INTO outbox (task_row, key_id, url, body, state, next_attempt_at, created_at)
                  VALUES (?1, ?2, ?3, ?4, 'queued', ?5, ?5)",
                 params![d.reservation.0, d.key_id, d.url, d.body, d.now],
@@ -931,13 +960,14 @@ impl Store for SqliteStore {
     fn delivery(&self, id: DeliveryId) -> StoreFuture<'_, Option<Delivery>> {
         self.run(move |conn| {
             let sql = format!("SELECT {DELIVERY_COLUMNS} FROM outbox WHERE id = ?1");
-            Ok(conn.query_row(&sql, [id.0], delivery_from_row).optional()?)
+            Ok(cached_query_row(conn, &sql, [id.0], delivery_from_row).optional()?)
         })
     }
 
     fn mark_delivered(&self, id: DeliveryId, now: i64) -> StoreFuture<'_, bool> {
         self.run(move |conn| {
-            let changed = conn.execute(
+            let changed = cached_execute(
+                conn,
                 "UPDATE outbox SET state = 'delivered', attempts = attempts + 1, done_at = ?2
                  WHERE id = ?1 AND state = 'queued'",
                 params![id.0, now],
@@ -954,7 +984,8 @@ impl Store for SqliteStore {
     ) -> StoreFuture<'_, bool> {
         let error = error.to_string();
         self.run(move |conn| {
-            let changed = conn.execute(
+            let changed = cached_execute(
+                conn,
                 "UPDATE outbox SET attempts = attempts + 1, next_attempt_at = ?2, last_error = ?3
                  WHERE id = ?1 AND state = 'queued'",
                 params![id.0, next_attempt_at, error],
@@ -966,7 +997,8 @@ impl Store for SqliteStore {
     fn mark_dead(&self, id: DeliveryId, error: &str, now: i64) -> StoreFuture<'_, bool> {
         let error = error.to_string();
         self.run(move |conn| {
-            let changed = conn.execute(
+            let changed = cached_execute(
+                conn,
                 "UPDATE outbox SET state = 'dead', attempts = attempts + 1, last_error = ?2,
                                    done_at = ?3
                  WHERE id = ?1 AND state = 'queued'",
@@ -979,7 +1011,7 @@ impl Store for SqliteStore {
     fn counts(&self) -> StoreFuture<'_, StoreCounts> {
         self.run(|conn| {
             let count = |sql: &str| -> Result<u64, StoreError> {
-                let n: i64 = conn.query_row(sql, [], |r| r.get(0))?;
+                let n: i64 = cached_query_row(conn, sql, [], |r| r.get(0))?;
                 Ok(n as u64)
             };
             Ok(StoreCounts {
@@ -994,7 +1026,8 @@ impl Store for SqliteStore {
     fn ping(&self) -> StoreFuture<'_, ()> {
         self.run(|conn| {
             // Reads the schema page, so a vanished or unreadable file shows up here.
-            let _: i64 = conn.query_row("SELECT COUNT(*) FROM sqlite_master", [], |r| r.get(0))?;
+            let _: i64 =
+                cached_query_row(conn, "SELECT COUNT(*) FROM sqlite_master", [], |r| r.get(0))?;
             Ok(())
         })
     }
