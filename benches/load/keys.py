@@ -2,7 +2,7 @@
 """Memory with many keys: gatehouse's RSS with N distinct JWT principals tracked by the
 rate limiter, and after idle-key eviction (stdlib only).
 
-    python3 benches/load/keys.py                 # N = 100000 (about 2-4 minutes)
+    python3 benches/load/keys.py                 # N = 100000 (about 2-3 minutes)
     python3 benches/load/keys.py -n 10000 --hold 40
 
 Starts `gatehouse mock-upstream` and `gatehouse serve` (a generated config in a tempdir, both
@@ -226,7 +226,7 @@ def mib(kb):
 def main():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("-n", "--principals", type=int, default=100_000, help="distinct JWT subjects (default 100000)")
-    parser.add_argument("--hold", type=float, default=100.0, help="seconds a principal stays tracked after its request (default 100; rate_per_second = 2/HOLD)")
+    parser.add_argument("--hold", type=float, default=60.0, help="seconds a principal stays tracked after its request (default 60; rate_per_second = 2/HOLD)")
     parser.add_argument("--connections", type=int, default=4, help="keep-alive connections (default 4)")
     parser.add_argument("--pipeline", type=int, default=16, help="HTTP/1.1 requests in flight per connection (default 16; 1 = none)")
     parser.add_argument("--keep", action="store_true", help="keep the tempdir (config, logs)")
@@ -331,7 +331,7 @@ kind = "runway_feed"
     # Eviction: the first pass at least HOLD s after the last request.
     deadline = time.monotonic() + args.hold + HOUSEKEEPING_S + 15
     after_keys = seen
-    while time.monotonic() < deadline:
+    while seen > 0 and time.monotonic() < deadline:
         after_keys = tracked_keys(base_url)
         if after_keys < seen:
             break
@@ -340,7 +340,7 @@ kind = "runway_feed"
     # The pass evicted, shrank the map, then set the gauge; give the allocator a moment.
     time.sleep(1)
     evicted = proc_status(gateway.pid)
-    if after_keys >= seen:
+    if seen > 0 and after_keys >= seen:
         log(f"warning: no eviction within {args.hold + HOUSEKEEPING_S + 15:.0f}s")
     log(f"after eviction: {after_keys} keys, VmRSS {mib(evicted['VmRSS'])} MiB (t+{evicted_at:.0f}s)")
 

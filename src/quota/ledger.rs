@@ -261,7 +261,8 @@ impl Ledger {
         if key_label != key_id || key_label == crate::auth::UNLISTED_JWT_LABEL {
             return;
         }
-        if let Ok(usage) = self.store.usage(key_id, self.current_period(policy)).await {
+        // Not `usage`: counting open tasks on every request grows with their number.
+        if let Ok(usage) = self.store.committed(key_id, self.current_period(policy)).await {
             let remaining = usage.remaining(Some(quota)).unwrap_or(Points::ZERO);
             self.metrics
                 .quota_remaining_points

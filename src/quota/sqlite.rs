@@ -837,6 +837,18 @@ impl Store for SqliteStore {
         self.run(move |conn| usage_of(conn, &key_id, &period))
     }
 
+    fn committed(&self, key_id: &str, period: PeriodKey) -> StoreFuture<'_, Usage> {
+        let key_id = key_id.to_string();
+        self.run(move |conn| {
+            let (charged, reserved) = balance(conn, &key_id, &period)?;
+            Ok(Usage {
+                charged,
+                reserved,
+                open_tasks: 0,
+            })
+        })
+    }
+
     fn usage_all<'a>(
         &'a self,
         period_of: &'a (dyn Fn(&str) -> PeriodKey + Send + Sync),

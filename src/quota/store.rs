@@ -384,6 +384,10 @@ pub trait Store: Send + Sync {
     /// The key's balance in `period` (zeros when it has none).
     fn usage(&self, key_id: &str, period: PeriodKey) -> StoreFuture<'_, Usage>;
 
+    /// Charged and reserved points of the key in `period`: `usage` without counting open
+    /// tasks, cheap enough for every request (the quota gauge).
+    fn committed(&self, key_id: &str, period: PeriodKey) -> StoreFuture<'_, Usage>;
+
     /// Every key the ledger knows (from a balance or a task row), each with its usage in
     /// the period `period_of(key_id)` names. Keys in the config that never used the
     /// gateway are absent: the caller fills them with `Usage::default()`.
