@@ -2,7 +2,7 @@
 """Memory with many keys: gatehouse's RSS with N distinct JWT principals tracked by the
 rate limiter, and after idle-key eviction (stdlib only).
 
-    python3 benches/load/keys.py                 # N = 100000 (about 2-3 minutes)
+    python3 benches/load/keys.py                 # N = 100000 (about 1.5 minutes)
     python3 benches/load/keys.py -n 10000 --hold 40
 
 Starts `gatehouse mock-upstream` and `gatehouse serve` (a generated config in a tempdir, both
@@ -355,16 +355,19 @@ kind = "runway_feed"
     print("|---|---|---|---|---|")
     print(f"| idle, after start | {mib(idle['VmRSS'])} | {mib(idle['VmHWM'])} | {idle_keys} | - |")
     print(f"| right after the {n} requests | {mib(sent['VmRSS'])} | {mib(sent['VmHWM'])} | (not yet counted) | {sent_s:.0f} |")
-    print(f"| {n} keys tracked (next housekeeping pass) | {mib(tracked['VmRSS'])} | {mib(tracked['VmHWM'])} | {seen} | {tracked_at:.0f} |")
+    print(f"| first housekeeping pass after the send | {mib(tracked['VmRSS'])} | {mib(tracked['VmHWM'])} | {seen} | {tracked_at:.0f} |")
     print(f"| after idle eviction | {mib(evicted['VmRSS'])} | {mib(evicted['VmHWM'])} | {after_keys} | {evicted_at:.0f} |")
     print()
     # Targets in MB (10^6 bytes); VmRSS is in KiB.
     ok_idle = idle["VmRSS"] * 1024 <= 30e6
     peak = max(sent["VmRSS"], tracked["VmRSS"])
-    ok_keys = peak * 1024 <= 100e6 and seen >= n
+    if seen < n:
+        keys_verdict = f"not verified: the gauge showed {seen} of {n} tracked (raise --hold)"
+    else:
+        keys_verdict = "met" if peak * 1024 <= 100e6 else "NOT met"
     print(
         f"Targets: idle <= 30 MB: {'met' if ok_idle else 'NOT met'} ({mib(idle['VmRSS'])} MiB); "
-        f"<= 100 MB with {n} keys tracked: {'met' if ok_keys else 'NOT met'} ({mib(peak)} MiB; peak VmHWM {mib(tracked['VmHWM'])} MiB)"
+        f"<= 100 MB with {n} keys tracked: {keys_verdict} ({mib(peak)} MiB; VmHWM {mib(tracked['VmHWM'])} MiB)"
     )
 
 

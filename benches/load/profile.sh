@@ -3,7 +3,7 @@
 # hardware counters are often unavailable in VMs and containers; callgrind counts the
 # instructions executed, in user space, deterministically), against `gatehouse mock-upstream`.
 #
-#   bash benches/load/profile.sh            # 2000 generates (about 1-2 minutes)
+#   bash benches/load/profile.sh            # 2000 generates (under a minute on 2 cores)
 #   PROFILE_REQUESTS=500 bash benches/load/profile.sh
 #
 # Starts the mock and `gatehouse serve` under callgrind (a generated config: one [[keys]] API
@@ -15,7 +15,9 @@
 #   - the top functions by self cost (callgrind_annotate --inclusive=no | head -40),
 #   - the top by inclusive cost,
 #   - self cost grouped by component (SQLite, JSON, hyper/HTTP, tokio, tracing/formatting,
-#     allocator/memcpy, auth/sha256, ...), the symbol patterns being in group_costs below.
+#     allocator/memcpy, auth/sha256, ...; the patterns are in GROUPS below),
+#   - selected inclusive costs (ledger commits, ephemeral tables, SQL parsing, validation,
+#     access log, ...) and the callers of malloc/free and mem*, per request.
 # Only user-space instructions are counted: the time fsync and other system calls wait for is
 # not in it (see the load benchmark for wall-clock numbers). The callgrind file stays in the
 # tempdir printed at the end, for kcachegrind or callgrind_annotate with other options.
@@ -244,4 +246,88 @@ for label, cost in sorted(groups.items(), key=lambda kv: -kv[1]):
 EOF
 python3 "$WORK/group.py" "$REQUESTS" <"$WORK/self-all.txt"
 echo
-log "callgrind output: $OUT (e.g. callgrind_annotate --inclusive=yes --tree=caller $OUT); logs in $WORK"
+echo "== selected inclusive costs and the callers of libc's allocator and mem* (per request)"
+# callgrind_annotate names a function by the file of its (inlined) code, which splits and
+# mislabels Rust functions in its caller trees; this reads the call graph by function name.
+cat >"$WORK/edges.py" <<'EOF'
+import collections, re, sys
+path, requests = sys.argv[1], int(sys.argv[2])
+names = {"ob": {}, "fl": {}, "fn": {}}
+def name(kind, text):
+    m = re.match(r"\((\d+)\)(?:\s+(.*))?$", text)
+    if not m:
+        return text
+    if m.group(2) is not None:
+        names[kind][m.group(1)] = m.group(2)
+        return m.group(2)
+    return names[kind][m.group(1)]
+own, out = collections.Counter(), collections.Counter()
+edges, calls = collections.Counter(), collections.Counter()
+fn = cfn = pending = None
+with open(path) as f:
+    for line in f:
+        line = line.rstrip("\n")
+        if not line or line[0] == "#":
+            continue
+        if line[0].isdigit() or line[0] in "+-*":
+            cost = int(line.split()[1])
+            if pending is None:
+                own[fn] += cost
+            else:
+                if cfn != fn:
+                    out[fn] += cost
+                    edges[(fn, cfn)] += cost
+                    calls[cfn] += pending
+                pending = None
+            continue
+        key, _, value = line.partition("=")
+        if key == "fn":
+            fn = name("fn", value)
+        elif key == "cfn":
+            cfn = name("fn", value)
+        elif key in ("fl", "fi", "fe", "cfi", "cfl", "jfi"):
+            name("fl", value)
+        elif key in ("ob", "cob"):
+            name("ob", value)
+        elif key == "jfn":
+            name("fn", value)
+        elif key == "calls":
+            pending = int(value.split()[0])
+def short(text, width=110):
+    return text if len(text) <= width else text[: width - 1] + "…"
+SELECTED = [
+    ("ledger writer thread (all SQLite work)", r"^gatehouse::quota::sqlite::write_batches$"),
+    ("  commits (WAL frames, checksums; fsync not counted)", r"^sqlite3BtreeCommitPhaseOne"),
+    ("  ephemeral tables opened (CHECK ... IN (list))", r"^sqlite3BtreeOpen$"),
+    ("  ephemeral tables created (page zeroing)", r"^sqlite3BtreeCreateTable$"),
+    ("  SQL text parsed (prepare, uncached)", r"^sqlite3_prepare_v3$"),
+    ("  savepoint journal", r"^subjournalPageIfRequired$"),
+    ("generate validation (JSON parse into Value)", r"^gatehouse::validate::validate_generate$"),
+    ("access log line (tracing fmt)", r"FormatEvent<S,N>>::format_event$"),
+    ("upstream client request", r"^hyper_util::client::legacy::client::Client<C,B>::send_request::\{\{closure\}\}$"),
+    ("server HTTP/1 parse", r"^<hyper::proto::h1::role::Server as .*>::parse$"),
+    ("auth (API key sha256 + lookup)", r"^gatehouse::auth::Authenticator::authenticate$"),
+    ("prometheus label lookups", r"^prometheus::vec::MetricVec<T>::with_label_values$"),
+    ("config watcher thread (notify/inotify)", r"^notify::inotify::EventLoop::event_loop_thread$"),
+]
+print("| function (inclusive) | calls | instructions per request |")
+print("|---|---|---|")
+for label, pattern in SELECTED:
+    found = [f for f in set(own) | set(out) if f and re.search(pattern, f)]
+    total = sum(own[f] + out[f] for f in found)
+    count = sum(calls[f] for f in found)
+    print(f"| {label} | {count} | {total // requests:,} |")
+for label, pattern in [("malloc/free/realloc", r"^(malloc|free|cfree|realloc|calloc)$"),
+                       ("memset/memcpy/memmove/memcmp", r"^__mem(set|cpy|move|cmp)")]:
+    callers = collections.Counter()
+    for (caller, callee), cost in edges.items():
+        if re.search(pattern, callee or ""):
+            callers[caller] += cost
+    print()
+    print(f"callers of {label}:")
+    for caller, cost in callers.most_common(8):
+        print(f"  {cost // requests:>8,}  {short(caller)}")
+EOF
+python3 "$WORK/edges.py" "$OUT" "$REQUESTS"
+echo
+log "callgrind output: $OUT (callgrind_annotate --inclusive=yes $OUT, or kcachegrind); logs in $WORK"

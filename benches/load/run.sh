@@ -206,7 +206,7 @@ burst = 1000000000
 pool_max_idle = 256
 
 [store]
-path = "$WORK/ledger.db"
+path = "$WORK/ledger/ledger.db"
 synchronous = "${LOAD_SYNCHRONOUS:-full}"
 
 [[keys]]
