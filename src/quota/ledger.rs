@@ -262,7 +262,11 @@ impl Ledger {
             return;
         }
         // Not `usage`: counting open tasks on every request grows with their number.
-        if let Ok(usage) = self.store.committed(key_id, self.current_period(policy)).await {
+        if let Ok(usage) = self
+            .store
+            .committed(key_id, self.current_period(policy))
+            .await
+        {
             let remaining = usage.remaining(Some(quota)).unwrap_or(Points::ZERO);
             self.metrics
                 .quota_remaining_points
