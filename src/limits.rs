@@ -74,3 +74,41 @@ where
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Config;
+    use std::sync::Arc;
+    use tower::{Layer, ServiceExt};
+
+    fn snapshot(max_body_bytes: usize) -> Arc<Snapshot> {
+        let text = format!(
+            "[server]\nmax_body_bytes = {max_body_bytes}\n[upstream]\nbase_url = \"http://127.0.0.1:9\"\ntoken = \"t\"\n"
+        );
+        Arc::new(Snapshot::build(Config::from_toml(&text, &|_: &str| None).unwrap()).unwrap())
+    }
+
+    #[tokio::test]
+    async fn declared_content_length_over_the_limit_is_413() {
+        let reached = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let seen = reached.clone();
+        let inner = tower::service_fn(move |_request: Request<Body>| {
+            seen.store(true, std::sync::atomic::Ordering::SeqCst);
+            async { Ok::<_, GatewayError>(Response::new(body::empty())) }
+        });
+        let mut request = Request::new(body::full(&b"{}"[..]));
+        request.extensions_mut().insert(snapshot(16));
+        request
+            .headers_mut()
+            .insert(header::CONTENT_LENGTH, http::HeaderValue::from(17));
+
+        let err = LimitsLayer.layer(inner).oneshot(request).await.unwrap_err();
+
+        assert_eq!(err, GatewayError::PayloadTooLarge { limit: 16 });
+        assert!(
+            !reached.load(std::sync::atomic::Ordering::SeqCst),
+            "refused before the inner service"
+        );
+    }
+}
